@@ -1,0 +1,25 @@
+"""Strict test settings (after diffrax's test/conftest.py).
+
+* float64 enabled: gradient checks are made in double precision;
+* ``jax_numpy_rank_promotion="raise"``: no silent broadcasting between ranks;
+* jaxtyping + beartype runtime shape checking of every annotated function in ``mfattn`` is switched
+  on by ``--jaxtyping-packages`` in pyproject's pytest ``addopts``.
+"""
+
+import jax
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture
+def getkey():
+    """A fresh PRNG key on every call, deterministic per test."""
+    key = [jax.random.key(0)]
+
+    def _getkey():
+        key[0], sub = jax.random.split(key[0])
+        return sub
+
+    return _getkey
