@@ -1,6 +1,51 @@
-"""mfattn: deep attention-only transformers as interacting particle systems and their mean-field limit."""
+"""mfattn: deep attention-only transformers as interacting particle systems and their mean-field limit.
 
-from .params import Params as Params, init_params as init_params
+The public API is small and functional:
 
-__all__ = ["Params", "init_params"]
+* :class:`Params`, :func:`init_params` -- projection matrices ``(T, P, d, k)`` (layers x heads, or grid
+  times x parameter particles);
+* :func:`forward`, :func:`adjoint`, :func:`param_grad`, :func:`loss_and_grad` -- the discrete model and
+  its hand-derived backward pass;
+* :func:`velocity`, :func:`adjoint_field`, :func:`grad_map` -- the three kernels ``F``, ``G``, ``g``
+  shared by the discrete model and the mean-field limit;
+* :mod:`mfattn.losses` -- losses with their Lions derivatives.
+"""
+
+from . import losses as losses
+from .adjoint import adjoint_field as adjoint_field
+from .adjoint import grad_map as grad_map
+from .attention import attention as attention
+from .attention import velocity as velocity
+from .params import Params as Params
+from .params import init_params as init_params
+from .particles import (
+    adjoint as adjoint,
+)
+from .particles import (
+    forward as forward,
+)
+from .particles import (
+    loss_and_grad as loss_and_grad,
+)
+from .particles import (
+    param_grad as param_grad,
+)
+from .particles import (
+    value_and_grad_map as value_and_grad_map,
+)
+
+__all__ = [
+    "Params",
+    "init_params",
+    "forward",
+    "adjoint",
+    "param_grad",
+    "loss_and_grad",
+    "value_and_grad_map",
+    "attention",
+    "velocity",
+    "adjoint_field",
+    "grad_map",
+    "losses",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,255 @@
+"""The discrete transformer as an interacting particle system (SPEC sections 3-4).
+
+Forward (explicit Euler on the piecewise-constant parameter field, one step per layer)::
+
+    x_i^{l+1} = x_i^l + (1/L) F(mu^l, x_i^l, nu^l),   mu^l = sum_j m_j delta_{x_j^l},  l = 0..L-1
+
+Backward (hand-derived, SPEC section 4), with ``p^L`` the loss's Lions derivative at ``x^L``::
+
+    p^l = p^{l+1} + (1/L) G(pi^l, x^l, p^{l+1}; nu^l),    d ell / d theta_{l,h} = g(theta_{l,h}, pi^l) / (L H)
+
+Depth is a ``lax.scan`` (compile time does not grow with ``L``); heads are a ``vmap``. The backward
+scan recomputes each layer's attention from the stored trajectory, so its memory is ``O(L N d)`` plus
+one layer's ``H x N x N`` weights, never ``(L, H, N, N)``.
+
+All public functions validate their arguments (``ValueError`` naming the argument) and work under
+``jax.jit`` and ``jax.vmap`` over a leading batch axis of ``tokens``/``weights``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Scalar
+
+from . import _checks
+from .adjoint import adjoint_field, adjoint_field_and_grad_map, grad_map
+from .attention import velocity
+from .losses import Loss
+from .params import Params
+
+__all__ = ["forward", "adjoint", "param_grad", "loss_and_grad", "value_and_grad_map"]
+
+
+@eqx.filter_jit
+def _forward(params, tokens, weights, beta, radius):
+    inv_depth = 1.0 / params.depth
+
+    def layer(x, theta):
+        x = x + inv_depth * velocity(theta, x, x, weights, beta=beta, radius=radius)
+        return x, x
+
+    _, traj = jax.lax.scan(layer, tokens, params)
+    return jnp.concatenate([tokens[None], traj], axis=0)
+
+
+@eqx.filter_jit
+def _adjoint(params, trajectory, terminal, weights, beta, radius):
+    inv_depth = 1.0 / params.depth
+
+    def layer(p, xs):
+        theta, x = xs
+        p = p + inv_depth * adjoint_field(theta, x, p, weights, beta=beta, radius=radius)
+        return p, p
+
+    _, ps = jax.lax.scan(layer, terminal, (params, trajectory[:-1]), reverse=True)
+    return jnp.concatenate([ps, terminal[None]], axis=0)
+
+
+@eqx.filter_jit
+def _param_grad(params, trajectory, adjoints, weights, beta, radius):
+    return jax.lax.map(
+        lambda xs: grad_map(xs[0], xs[1], xs[2], weights, beta=beta, radius=radius),
+        (params, trajectory[:-1], adjoints[1:]),
+    )
+
+
+@eqx.filter_jit
+def _value_and_grad_map(params, tokens, weights, targets, loss, beta, radius):
+    trajectory = _forward(params, tokens, weights, beta, radius)
+    terminal = trajectory[-1]
+    value = loss(terminal, weights, targets)
+    inv_depth = 1.0 / params.depth
+
+    def layer(p, xs):
+        theta, x = xs
+        field, g = adjoint_field_and_grad_map(theta, x, p, weights, beta=beta, radius=radius)
+        return p + inv_depth * field, g
+
+    p0, g = jax.lax.scan(
+        layer, loss.lions(terminal, weights, targets), (params, trajectory[:-1]), reverse=True
+    )
+    return value, g, p0
+
+
+def _check_loss(fn, loss):
+    if not isinstance(loss, Loss):
+        raise ValueError(
+            f"{fn}: loss must be an mfattn.losses.Loss (e.g. TokenRegression(), MMD(), "
+            f"AutodiffLoss(fn)), got {type(loss).__name__}."
+        )
+
+
+def forward(
+    params: Params,
+    tokens: Float[Array, "N d"],
+    *,
+    beta,
+    weights: Float[Array, " N"] | None = None,
+    radius=None,
+) -> Float[Array, "L1 N d"]:
+    """Run the ``L``-layer, ``H``-head attention-only transformer on one token sequence.
+
+    Args:
+        params: :class:`~mfattn.Params` with leaves ``(L, H, d, k)``.
+        tokens: ``(N, d)`` input tokens ``x^0``.
+        beta: inverse temperature ``>= 0``.
+        weights: ``(N,)`` token masses ``m_i >= 0`` summing to 1 (default uniform ``1/N``); ``m_i = 0``
+            marks padding, which is moved by attention but influences nothing.
+        radius: optional radius ``R`` of the projection ``Pi_R`` applied to the measure (SPEC eq. 6-7).
+
+    Returns:
+        The trajectory ``(L + 1, N, d)``: ``x^0, ..., x^L``.
+
+    Example::
+
+        params = mfattn.init_params(jax.random.key(0), depth=8, heads=4, dim=16, head_dim=16)
+        traj = mfattn.forward(params, tokens, beta=1.0)            # (9, N, 16)
+        batch = jax.vmap(lambda x: mfattn.forward(params, x, beta=1.0))(tokens_batch)
+    """
+    params, tokens, weights, beta, radius = _checks.prepare("forward", params, tokens, weights, beta, radius)
+    return _forward(params, tokens, weights, beta, radius)
+
+
+def adjoint(
+    params: Params,
+    trajectory: Float[Array, "L1 N d"],
+    terminal: Float[Array, "N d"],
+    *,
+    beta,
+    weights: Float[Array, " N"] | None = None,
+    radius=None,
+) -> Float[Array, "L1 N d"]:
+    """The rescaled adjoints ``p^l = (1/m) d ell / d x^l`` by the hand-derived backward recursion.
+
+    Args:
+        params: ``(L, H, d, k)`` parameters.
+        trajectory: ``(L + 1, N, d)`` from :func:`forward`.
+        terminal: ``(N, d)`` the terminal condition ``p^L`` (a loss's ``lions(x^L, ...)``).
+        beta, weights, radius: as in :func:`forward`.
+
+    Returns:
+        ``(L + 1, N, d)``: ``p^0, ..., p^L`` with ``p^L = terminal``. For a token of weight 0, ``p`` is the
+        Lions derivative of the loss (as a function of the input measure) at that token.
+    """
+    params, x0, weights, beta, radius = _checks.prepare(
+        "adjoint", params, _first(trajectory), weights, beta, radius
+    )
+    trajectory, terminal = _check_traj("adjoint", params, x0, trajectory, terminal, "terminal", "(N, d)")
+    return _adjoint(params, trajectory, terminal, weights, beta, radius)
+
+
+def param_grad(
+    params: Params,
+    trajectory: Float[Array, "L1 N d"],
+    adjoints: Float[Array, "L1 N d"],
+    *,
+    beta,
+    weights: Float[Array, " N"] | None = None,
+    radius=None,
+) -> Params:
+    """The rescaled gradient map ``g(theta_{l,h}, pi^l)`` of every layer and head (SPEC eq. 20).
+
+    ``pi^l`` is the joint measure of ``(x^l, p^{l+1})``. Returns a :class:`~mfattn.Params` shaped like
+    ``params``; the true gradient is ``g / (L H)`` (:func:`loss_and_grad` returns it).
+    """
+    params, x0, weights, beta, radius = _checks.prepare(
+        "param_grad", params, _first(trajectory), weights, beta, radius
+    )
+    trajectory, adjoints = _check_traj(
+        "param_grad", params, x0, trajectory, adjoints, "adjoints", "(L+1, N, d)"
+    )
+    return _param_grad(params, trajectory, adjoints, weights, beta, radius)
+
+
+def value_and_grad_map(
+    params: Params,
+    tokens: Float[Array, "N d"],
+    loss: Loss,
+    *,
+    beta,
+    weights: Float[Array, " N"] | None = None,
+    targets=None,
+    radius=None,
+) -> tuple[Scalar, Params, Float[Array, "N d"]]:
+    """Loss value, rescaled gradient map ``g`` (shaped like ``params``) and input adjoint ``p^0``, in one
+    forward scan and one fused backward scan (the memory-lean hand path used for training)."""
+    _check_loss("value_and_grad_map", loss)
+    params, tokens, weights, beta, radius = _checks.prepare(
+        "value_and_grad_map", params, tokens, weights, beta, radius
+    )
+    return _value_and_grad_map(params, tokens, weights, targets, loss, beta, radius)
+
+
+def loss_and_grad(
+    params: Params,
+    tokens: Float[Array, "N d"],
+    loss: Loss,
+    *,
+    beta,
+    weights: Float[Array, " N"] | None = None,
+    targets=None,
+    radius=None,
+    method: Literal["adjoint", "autodiff"] = "adjoint",
+) -> tuple[Scalar, Params]:
+    """The loss ``ell(mu^L)`` and its true gradient with respect to ``params``.
+
+    Args:
+        params, tokens, beta, weights, radius: as in :func:`forward`.
+        loss: an :class:`mfattn.losses.Loss`, evaluated as ``loss(x^L, weights, targets)``.
+        targets: whatever ``loss`` takes as targets (e.g. ``(N, d_out)`` for token regression).
+        method: ``"adjoint"`` (default) -- forward scan plus the hand-derived backward scan, memory
+            ``O(L N d + H N^2)``; ``"autodiff"`` -- ``jax.value_and_grad`` through the forward scan
+            (the reference; stores every layer's attention, memory ``O(L H N^2)``).
+
+    Returns:
+        ``(value, grads)`` with ``grads`` a :class:`~mfattn.Params` like ``params``.
+    """
+    _check_loss("loss_and_grad", loss)
+    params, tokens, weights, beta, radius = _checks.prepare(
+        "loss_and_grad", params, tokens, weights, beta, radius
+    )
+    if method == "adjoint":
+        value, g, _ = _value_and_grad_map(params, tokens, weights, targets, loss, beta, radius)
+        scale = 1.0 / (params.depth * params.heads)
+        return value, jax.tree.map(lambda x: x * scale, g)
+    if method == "autodiff":
+        return _autodiff_loss_and_grad(params, tokens, weights, targets, loss, beta, radius)
+    raise ValueError(f"loss_and_grad: method must be 'adjoint' or 'autodiff', got {method!r}.")
+
+
+@eqx.filter_jit
+def _autodiff_loss_and_grad(params, tokens, weights, targets, loss, beta, radius):
+    def objective(p):
+        return loss(_forward(p, tokens, weights, beta, radius)[-1], weights, targets)
+
+    return jax.value_and_grad(objective)(params)
+
+
+def _first(trajectory):
+    trajectory = jnp.asarray(trajectory)
+    if trajectory.ndim != 3:
+        raise ValueError(f"trajectory must have shape (L+1, N, d), got {trajectory.shape}.")
+    return trajectory[0]
+
+
+def _check_traj(fn, params, x0, trajectory, other, name, dims):
+    shape = (params.depth + 1, *x0.shape)
+    trajectory = _checks.check_array(fn, "trajectory", trajectory, shape, "(L+1, N, d)").astype(x0.dtype)
+    trajectory = _checks.check_finite(fn, "trajectory", trajectory)
+    other_shape = shape if name == "adjoints" else x0.shape
+    other = _checks.check_array(fn, name, other, other_shape, dims).astype(x0.dtype)
+    return trajectory, _checks.check_finite(fn, name, other)
