@@ -33,9 +33,7 @@ def check_params(fn: str, params) -> Params:
         raise ValueError(f"{fn}: params leaves must all be (T, P, d, k); got shapes {sorted(shapes)}.")
     for name in ("wq", "wk", "wv", "wo"):
         if not jnp.issubdtype(getattr(params, name).dtype, jnp.floating):
-            raise ValueError(
-                f"{fn}: params.{name} must be floating point, got {getattr(params, name).dtype}."
-            )
+            raise ValueError(f"{fn}: params.{name} must be floating point, got {getattr(params, name).dtype}.")
     return params
 
 
@@ -94,9 +92,7 @@ def check_scalar(fn: str, name: str, value, dtype, *, allow_none: bool = False):
         raise ValueError(f"{fn}: {name} is required.")
     if _traced(value):
         value = jnp.asarray(value, dtype)
-        return eqx.error_if(
-            value, ~(value >= 0) | ~jnp.isfinite(value), f"{fn}: {name} must be >= 0 and finite."
-        )
+        return eqx.error_if(value, ~(value >= 0) | ~jnp.isfinite(value), f"{fn}: {name} must be >= 0 and finite.")
     v = np.asarray(value)
     if v.shape != ():
         raise ValueError(f"{fn}: {name} must be a scalar, got shape {v.shape}.")

@@ -43,9 +43,7 @@ def project_ball(tokens: Float[Array, "N d"], radius) -> Float[Array, "N d"]:
     return jnp.where(outside, tokens * (radius / jnp.where(outside, norm, 1)), tokens)
 
 
-def project_ball_vjp(
-    tokens: Float[Array, "N d"], cotangent: Float[Array, "N d"], radius
-) -> Float[Array, "N d"]:
+def project_ball_vjp(tokens: Float[Array, "N d"], cotangent: Float[Array, "N d"], radius) -> Float[Array, "N d"]:
     """``DPi_R(x_i)^T v_i`` row-wise (the Jacobian is symmetric): ``v`` inside the ball, and
     ``(R/|x|) (v - x <x, v>/|x|^2)`` outside."""
     if radius is None:

@@ -101,9 +101,7 @@ def gradcheck(
 
         g = _param_grad(params, traj, ps, m, beta, None)
         ref_g = jax.grad(lambda p: loss(_forward(p, x0, m, beta, None)[-1], m, targets))(params)
-        out["param_grad"] = max(
-            _rel(a, depth * heads * b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g))
-        )
+        out["param_grad"] = max(_rel(a, depth * heads * b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)))
         return out
 
 

@@ -162,8 +162,7 @@ def init_params(
         leaves = [m + uniform(k) for m, k in zip(means, keys)]
     else:
         raise ValueError(
-            f"init_params: unknown init {init!r}; expected 'xavier_uniform', 'truncated_normal' or "
-            "'mean_noise'."
+            f"init_params: unknown init {init!r}; expected 'xavier_uniform', 'truncated_normal' or 'mean_noise'."
         )
     if tie_depth:
         leaves = [jnp.broadcast_to(x, (depth, heads, dim, head_dim)) for x in leaves]

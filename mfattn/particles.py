@@ -79,9 +79,7 @@ def _value_and_grad_map(params, tokens, weights, targets, loss, beta, radius):
         field, g = adjoint_field_and_grad_map(theta, x, p, weights, beta=beta, radius=radius)
         return p + inv_depth * field, g
 
-    p0, g = jax.lax.scan(
-        layer, loss.lions(terminal, weights, targets), (params, trajectory[:-1]), reverse=True
-    )
+    p0, g = jax.lax.scan(layer, loss.lions(terminal, weights, targets), (params, trajectory[:-1]), reverse=True)
     return value, g, p0
 
 
@@ -145,9 +143,7 @@ def adjoint(
         ``(L + 1, N, d)``: ``p^0, ..., p^L`` with ``p^L = terminal``. For a token of weight 0, ``p`` is the
         Lions derivative of the loss (as a function of the input measure) at that token.
     """
-    params, x0, weights, beta, radius = _checks.prepare(
-        "adjoint", params, _first(trajectory), weights, beta, radius
-    )
+    params, x0, weights, beta, radius = _checks.prepare("adjoint", params, _first(trajectory), weights, beta, radius)
     trajectory, terminal = _check_traj("adjoint", params, x0, trajectory, terminal, "terminal", "(N, d)")
     return _adjoint(params, trajectory, terminal, weights, beta, radius)
 
@@ -166,12 +162,8 @@ def param_grad(
     ``pi^l`` is the joint measure of ``(x^l, p^{l+1})``. Returns a :class:`~mfattn.Params` shaped like
     ``params``; the true gradient is ``g / (L H)`` (:func:`loss_and_grad` returns it).
     """
-    params, x0, weights, beta, radius = _checks.prepare(
-        "param_grad", params, _first(trajectory), weights, beta, radius
-    )
-    trajectory, adjoints = _check_traj(
-        "param_grad", params, x0, trajectory, adjoints, "adjoints", "(L+1, N, d)"
-    )
+    params, x0, weights, beta, radius = _checks.prepare("param_grad", params, _first(trajectory), weights, beta, radius)
+    trajectory, adjoints = _check_traj("param_grad", params, x0, trajectory, adjoints, "adjoints", "(L+1, N, d)")
     return _param_grad(params, trajectory, adjoints, weights, beta, radius)
 
 
@@ -188,9 +180,7 @@ def value_and_grad_map(
     """Loss value, rescaled gradient map ``g`` (shaped like ``params``) and input adjoint ``p^0``, in one
     forward scan and one fused backward scan (the memory-lean hand path used for training)."""
     _check_loss("value_and_grad_map", loss)
-    params, tokens, weights, beta, radius = _checks.prepare(
-        "value_and_grad_map", params, tokens, weights, beta, radius
-    )
+    params, tokens, weights, beta, radius = _checks.prepare("value_and_grad_map", params, tokens, weights, beta, radius)
     return _value_and_grad_map(params, tokens, weights, targets, loss, beta, radius)
 
 
@@ -219,9 +209,7 @@ def loss_and_grad(
         ``(value, grads)`` with ``grads`` a :class:`~mfattn.Params` like ``params``.
     """
     _check_loss("loss_and_grad", loss)
-    params, tokens, weights, beta, radius = _checks.prepare(
-        "loss_and_grad", params, tokens, weights, beta, radius
-    )
+    params, tokens, weights, beta, radius = _checks.prepare("loss_and_grad", params, tokens, weights, beta, radius)
     if method == "adjoint":
         value, g, _ = _value_and_grad_map(params, tokens, weights, targets, loss, beta, radius)
         scale = 1.0 / (params.depth * params.heads)
