@@ -39,9 +39,10 @@ def check_params(fn: str, params) -> Params:
 
 def check_finite(fn: str, name: str, x):
     """``x`` unchanged, or an error if it holds NaN or inf (``eqx.error_if`` when traced)."""
-    if _traced(x):
-        return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), f"{fn}: {name} contains NaN or inf.")
-    if not bool(jnp.all(jnp.isfinite(x))):
+    bad = ~jnp.all(jnp.isfinite(x))
+    if _traced(bad):  # inside jit/vmap (even a closed-over constant is traced there)
+        return eqx.error_if(x, bad, f"{fn}: {name} contains NaN or inf.")
+    if bool(bad):
         raise ValueError(f"{fn}: {name} contains NaN or inf.")
     return x
 

@@ -14,7 +14,8 @@ forming ``d x d`` or ``N x N x d x d`` objects. Notation per head (all ``(N, k)`
 
     Q = X W_Q,  K = Xk W_K,  V = Xk W_V       (Xk = Pi_R(X): keys/values see the projected measure)
     S = beta Q K^T,  U_ij = exp(S_ij - lse_i) (N, N),  W_ij = m_j U_ij   (softmax weights w_j(x_i))
-    a = P W_O   (a_i = W_O^T p_i),  E = a V^T (N, N),  D_ij = E_ij - sum_l W_il E_il
+    a = P W_O   (a_i = W_O^T p_i),  E = a V^T (N, N),  D_ij = E_ij - sum_l W_il E_il  (computed
+    centred at each row's largest weight, which keeps it accurate when the softmax is nearly one-hot)
     Delta = W * D (the delta_j of SPEC section 4)
 
     J(x_i)^T p_i                         = beta [Delta K]_i W_Q^T
@@ -51,9 +52,13 @@ def _head_backward(wq, wk, wv, wo, tokens, keys, weights, logm, adjoints, beta, 
     u = jnp.exp(s - lse)  # U_ij = w_j(x_i) / m_j, finite for live j
     w = jnp.where(live[None, :], u * weights[None, :], 0)  # softmax weights, exactly 0 on padding
     a = adjoints @ wo  # (N, k): a_i = W_O^T p_i
-    vbar = w @ v  # (N, k): W_V^T ybar_i
     e = a @ v.T  # (N, N): <a_i, W_V^T x_j>
-    dev = e - jnp.sum(a * vbar, axis=-1, keepdims=True)  # e_ij - ebar_i
+    # dev_ij = e_ij - ebar_i, centred at each row's largest weight j*: with e* = e_{i j*},
+    # dev = (e - e*) - sum_l w_il (e_il - e*). When the softmax is nearly one-hot (large beta) every
+    # term is then small and exact, where e - ebar would cancel catastrophically.
+    anchor = jnp.argmax(s + logm[None, :], axis=-1)
+    shifted = e - jnp.take_along_axis(e, anchor[:, None], axis=-1)
+    dev = shifted - jnp.sum(w * shifted, axis=-1, keepdims=True)
     delta_k = (w * dev) @ kk  # (N, k): sum_j delta_ij W_K^T x_j
     # Transposed (Lions) products sum over query rows j with mass m_j: mask dead rows with where.
     live_rows = live[:, None]
@@ -67,6 +72,7 @@ def _head_backward(wq, wk, wv, wo, tokens, keys, weights, logm, adjoints, beta, 
         out["term2"] = ut_ma @ wv.T + beta * (udt_mq @ wk.T)
     if grad:
         mp = jnp.where(live_rows, weights[:, None] * adjoints, 0)
+        vbar = w @ v  # (N, k): W_V^T ybar_i
         out["grad"] = (
             beta * (tokens.T @ jnp.where(live_rows, weights[:, None] * delta_k, 0)),  # dW_Q
             beta * (keys.T @ jnp.where(live_rows, weights[:, None] * udt_mq, 0)),  # dW_K

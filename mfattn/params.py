@@ -159,7 +159,7 @@ def init_params(
                     f"init_params: mean must be a float or four ({dim}, {head_dim}) arrays "
                     f"(W_Q, W_K, W_V, W_O); got shapes {[tuple(m.shape) for m in means]}."
                 )
-        leaves = [m + uniform(k) for m, k in zip(means, keys)]
+        leaves = [m[None, None] + uniform(k) for m, k in zip(means, keys)]
     else:
         raise ValueError(
             f"init_params: unknown init {init!r}; expected 'xavier_uniform', 'truncated_normal' or 'mean_noise'."

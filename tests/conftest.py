@@ -23,3 +23,18 @@ def getkey():
         return sub
 
     return _getkey
+
+
+@pytest.fixture
+def no_jaxtyping():
+    """Switch off the jaxtyping runtime checker for one test.
+
+    Tests of mfattn's own error messages use it: with the checker on, a mis-shaped argument is caught
+    first by the annotation (a ``TypeCheckError``); users, who run without the pytest hook, get mfattn's
+    ``ValueError`` naming the argument, which is what those tests check.
+    """
+    import jaxtyping
+
+    jaxtyping.config.update("jaxtyping_disable", True)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", False)
