@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +50,6 @@ __all__ = [
     "flow",
     "scale_by_blockwise_adam",
 ]
-
-Normalize = Literal["sum", "mean"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,7 +220,7 @@ def scale_by_blockwise_adam(
     b2: ArrayLike = 0.999,
     eps: ArrayLike = 1e-8,
     *,
-    normalize: Normalize = "sum",
+    normalize: str = "sum",
     mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     """Rescale updates by blockwise Adam: one second moment per matrix block.
@@ -257,26 +255,35 @@ def scale_by_blockwise_adam(
         updates, state = tx.update(grads, state, params)
     """
     _validate("scale_by_blockwise_adam", b1=b1, b2=b2, eps=eps, normalize=normalize)
+    return _scale_by_blockwise_adam(b1, b2, eps, normalize, mu_dtype)
+
+
+def _scale_by_blockwise_adam(b1, b2, eps, normalize, mu_dtype) -> optax.GradientTransformation:
+    """:func:`scale_by_blockwise_adam` without validation (the public factories validate once)."""
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params):
         mu = optax.tree.zeros_like(params, dtype=mu_dtype)
-        nu = jax.tree.map(lambda p: jnp.zeros(_block_shape(jnp.shape(p)), jnp.asarray(p).dtype), params)
+        nu = jax.tree.map(lambda p: jnp.zeros(_block_shape(jnp.shape(p)), jnp.result_type(p)), params)
         return ScaleByBlockwiseAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
     def update_fn(updates, state, params=None):
         del params
         mu = optax.tree.update_moment(updates, state.mu, b1, 1)
         nu = jax.tree.map(
-            lambda g, t: (1 - b2) * _block_mean_square(g, normalize) + b2 * t, updates, state.nu
+            lambda g, t: (1 - b2) * _block_mean_square(g, normalize) + b2 * t,
+            updates,
+            state.nu,
         )
         count_inc = optax.safe_increment(state.count)
         mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
         nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
+
         # nu_hat (..., 1, 1) broadcasts against mu_hat (..., d, k): same rank, no rank promotion.
-        new_updates = jax.tree.map(
-            lambda m, v, g: (m / (jnp.sqrt(v) + eps)).astype(g.dtype), mu_hat, nu_hat, updates
-        )
+        def direction(m, v, g):
+            return (m / (jnp.sqrt(v) + eps)).astype(g.dtype)
+
+        new_updates = jax.tree.map(direction, mu_hat, nu_hat, updates)
         mu = optax.tree.cast_like(mu, state.mu)
         nu = optax.tree.cast_like(nu, state.nu)
         return new_updates, ScaleByBlockwiseAdamState(count=count_inc, mu=mu, nu=nu)
@@ -342,7 +349,7 @@ def blockwise_adamw(
     eps: ArrayLike = 1e-8,
     weight_decay: ArrayLike = 1e-4,
     *,
-    normalize: Normalize = "sum",
+    normalize: str = "sum",
     mask: Any = None,
 ) -> optax.GradientTransformation:
     """Blockwise AdamW (paper Algorithm 1, eq. 26-28): one second moment per ``d x k`` matrix block.
@@ -386,12 +393,8 @@ def blockwise_adamw(
         weight_decay=weight_decay,
         normalize=normalize,
     )
-    with warnings.catch_warnings():
-        # Already validated (and warned about) above.
-        warnings.simplefilter("ignore", UserWarning)
-        scale = scale_by_blockwise_adam(b1=b1, b2=b2, eps=eps, normalize=normalize)
     return optax.chain(
-        scale,
+        _scale_by_blockwise_adam(b1, b2, eps, normalize, None),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )
