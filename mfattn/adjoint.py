@@ -13,9 +13,8 @@ Both are evaluated in ``O(N^2 k)`` work per head through the ``k``-dimensional p
 forming ``d x d`` or ``N x N x d x d`` objects. Notation per head (all ``(N, k)`` unless stated)::
 
     Q = X W_Q,  K = Xk W_K,  V = Xk W_V       (Xk = Pi_R(X): keys/values see the projected measure)
-    S = beta Q K^T,  U_ij = exp(S_ij - lse_i) (N, N),  W_ij = m_j U_ij   (softmax weights w_j(x_i))
-    a = P W_O   (a_i = W_O^T p_i),  E = a V^T (N, N),  D_ij = E_ij - sum_l W_il E_il  (computed
-    centred at each row's largest weight, which keeps it accurate when the softmax is nearly one-hot)
+    S = beta Q K^T,  U_ij = exp(S_ij) / sum_l m_l exp(S_il)  (N, N),  W_ij = m_j U_ij = w_j(x_i)
+    a = P W_O   (a_i = W_O^T p_i),  E = a V^T (N, N),  D_ij = E_ij - sum_l W_il E_il
     Delta = W * D (the delta_j of SPEC section 4)
 
     J(x_i)^T p_i                         = beta [Delta K]_i W_Q^T
@@ -26,68 +25,87 @@ forming ``d x d`` or ``N x N x d x d`` objects. Notation per head (all ``(N, k)`
 ``U_ij = w_j(x_i) / m_j`` is the softmax kernel *without* the key's mass; it makes the ``1/m_i`` of the
 Lions term exact, and at a token of weight 0 it gives the Lions derivative's value there (the adjoint
 of a zero-weight query token, which the rates experiment needs). Zero-weight tokens never influence
-the others: their rows and columns are masked with ``where`` (not multiplied by 0), so even an
-overflowing adjoint at a padding token cannot leak into real tokens.
+the others: their rows are masked with ``where`` (not multiplied by 0), so even a huge adjoint at a
+padding token cannot leak into real tokens.
+
+Cost per head: six ``N x N x k`` matrix products (two score-like, four transposed or weighted) and two
+materialised ``N x N`` arrays, the same matrix-product count as ``jax.vjp`` of the forward pass.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
-from .attention import log_weights, project_ball, project_ball_vjp
+from .attention import project_ball, project_ball_vjp
 
 __all__ = ["adjoint_field", "grad_map", "adjoint_field_and_grad_map"]
 
 
-def _head_backward(wq, wk, wv, wo, tokens, keys, weights, logm, adjoints, beta, *, field, grad):
-    """One head's contribution to ``G`` (term1, term2 before ``DPi_R``) and its gradient map."""
+def _head_backward(wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, *, field, grad):
+    """One head's contribution to ``G`` (term1, term2 before ``DPi_R``) and its gradient map.
+
+    Only two ``N x N`` arrays are formed besides the two score matrices: the kernel ``u`` and ``u * dev``;
+    every product with the softmax weights ``W = diag(1/z) u diag(m)`` moves the diagonal scalings onto
+    the ``(N, k)`` operands.
+    """
     live = weights > 0
+    live_rows = live[:, None]
+    m = weights[:, None]
     q = tokens @ wq
     kk = keys @ wk
     v = keys @ wv
     s = beta * (q @ kk.T)
-    lse = jax.nn.logsumexp(s + logm[None, :], axis=-1, keepdims=True)
-    u = jnp.exp(s - lse)  # U_ij = w_j(x_i) / m_j, finite for live j
-    w = jnp.where(live[None, :], u * weights[None, :], 0)  # softmax weights, exactly 0 on padding
+    # Shift by the largest score over live keys: u <= 1 on live keys and z_i >= the top key's mass. A
+    # padding key may score far higher; its exponent is clamped so that u stays finite (this can only
+    # saturate the Lions derivative *at* such a zero-weight token, never touch a live one).
+    top = jnp.max(jnp.where(live[None, :], s, -jnp.inf), axis=-1, keepdims=True)
+    u = jnp.exp(jnp.minimum(s - top, _exp_cap(s.dtype)))  # (N, N): U_ij = u_ij / z_i
+    z = u @ m  # (N, 1)
+    rz = 1 / z
+    vbar = (u @ (m * v)) * rz  # (N, k): W_V^T ybar_i
     a = adjoints @ wo  # (N, k): a_i = W_O^T p_i
     e = a @ v.T  # (N, N): <a_i, W_V^T x_j>
-    # dev_ij = e_ij - ebar_i, centred at each row's largest weight j*: with e* = e_{i j*},
-    # dev = (e - e*) - sum_l w_il (e_il - e*). When the softmax is nearly one-hot (large beta) every
-    # term is then small and exact, where e - ebar would cancel catastrophically.
-    anchor = jnp.argmax(s + logm[None, :], axis=-1)
-    shifted = e - jnp.take_along_axis(e, anchor[:, None], axis=-1)
-    dev = shifted - jnp.sum(w * shifted, axis=-1, keepdims=True)
-    delta_k = (w * dev) @ kk  # (N, k): sum_j delta_ij W_K^T x_j
-    # Transposed (Lions) products sum over query rows j with mass m_j: mask dead rows with where.
-    live_rows = live[:, None]
-    ma = jnp.where(live_rows, weights[:, None] * a, 0)
-    mq = jnp.where(live_rows, weights[:, None] * q, 0)
-    ut_ma = jnp.where(live_rows, u, 0).T @ ma  # (N, k)
-    udt_mq = jnp.where(live_rows, u * dev, 0).T @ mq  # (N, k)
+    # dev_ij = e_ij - ebar_i by one step of iterative refinement: centre at c_i = <a_i, vbar_i>, then
+    # subtract sum_l w_il (e_il - c_i). When the softmax is nearly one-hot (large beta) the plain
+    # e - ebar cancels catastrophically; the correction is a sum of small, accurate terms.
+    shifted = e - jnp.sum(a * vbar, axis=-1, keepdims=True)
+    dev = shifted - ((u * shifted) @ m) * rz
+    ud = u * dev
+    delta_k = (ud @ (m * kk)) * rz  # (N, k): sum_j delta_ij W_K^T x_j
+    # Transposed (Lions) products sum over query rows i with mass m_i / z_i; dead rows are masked with
+    # where (not multiplied by 0), so a non-finite adjoint at a padding token cannot leak.
+    ma = jnp.where(live_rows, m * a, 0) * rz
+    mq = jnp.where(live_rows, m * q, 0) * rz
+    ut_ma = u.T @ ma  # (N, k): [U^T (m a)]
+    udt_mq = jnp.where(live_rows, ud, 0).T @ mq  # (N, k): [(U * D)^T (m Q)]
     out = {}
     if field:
         out["term1"] = beta * (delta_k @ wq.T)
         out["term2"] = ut_ma @ wv.T + beta * (udt_mq @ wk.T)
     if grad:
-        mp = jnp.where(live_rows, weights[:, None] * adjoints, 0)
-        vbar = w @ v  # (N, k): W_V^T ybar_i
+        mp = jnp.where(live_rows, m * adjoints, 0)
         out["grad"] = (
-            beta * (tokens.T @ jnp.where(live_rows, weights[:, None] * delta_k, 0)),  # dW_Q
-            beta * (keys.T @ jnp.where(live_rows, weights[:, None] * udt_mq, 0)),  # dW_K
-            keys.T @ jnp.where(live_rows, weights[:, None] * ut_ma, 0),  # dW_V
+            beta * (tokens.T @ jnp.where(live_rows, m * delta_k, 0)),  # dW_Q
+            beta * (keys.T @ jnp.where(live_rows, m * udt_mq, 0)),  # dW_K
+            keys.T @ jnp.where(live_rows, m * ut_ma, 0),  # dW_V
             mp.T @ vbar,  # dW_O
         )
     return out
 
 
+def _exp_cap(dtype) -> float:
+    """Largest exponent used for a padding key's kernel: ``exp(cap)`` times O(1) values stays finite."""
+    return 0.4 * float(np.log(np.finfo(dtype).max))
+
+
 def _backward(theta, tokens, adjoints, weights, beta, radius, *, field, grad):
     keys = project_ball(tokens, radius)
-    logm = log_weights(weights)
     per_head = jax.vmap(
         lambda wq, wk, wv, wo: _head_backward(
-            wq, wk, wv, wo, tokens, keys, weights, logm, adjoints, beta, field=field, grad=grad
+            wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, field=field, grad=grad
         )
     )(theta.wq, theta.wk, theta.wv, theta.wo)
     g_field = None
