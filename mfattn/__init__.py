@@ -8,10 +8,12 @@ The public API is small and functional:
   its hand-derived backward pass;
 * :func:`velocity`, :func:`adjoint_field`, :func:`grad_map` -- the three kernels ``F``, ``G``, ``g``
   shared by the discrete model and the mean-field limit;
-* :mod:`mfattn.losses` -- losses with their Lions derivatives.
+* :mod:`mfattn.losses` -- losses with their Lions derivatives;
+* :mod:`mfattn.optim` -- AdamW and blockwise AdamW as Optax transforms, the optimizer flow map;
+* :mod:`mfattn.train` -- a jitted training step and a resumable training loop.
 """
 
-from . import losses as losses
+from . import losses as losses, optim as optim, train as train
 from .adjoint import adjoint_field as adjoint_field
 from .adjoint import grad_map as grad_map
 from .attention import attention as attention
@@ -47,5 +49,7 @@ __all__ = [
     "adjoint_field",
     "grad_map",
     "losses",
+    "optim",
+    "train",
 ]
 __version__ = "0.1.0"
