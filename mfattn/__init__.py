@@ -13,7 +13,9 @@ The public API is small and functional:
 * :mod:`mfattn.train` -- a jitted training step and a resumable training loop.
 """
 
-from . import losses as losses, optim as optim, train as train
+from . import losses as losses
+from . import optim as optim
+from . import train as train
 from .adjoint import adjoint_field as adjoint_field
 from .adjoint import grad_map as grad_map
 from .attention import attention as attention
