@@ -10,9 +10,12 @@ The public API is small and functional:
   shared by the discrete model and the mean-field limit;
 * :mod:`mfattn.losses` -- losses with their Lions derivatives;
 * :mod:`mfattn.optim` -- AdamW and blockwise AdamW as Optax transforms, the optimizer flow map;
-* :mod:`mfattn.train` -- a jitted training step and a resumable training loop.
+* :mod:`mfattn.train` -- a jitted training step and a resumable training loop;
+* :mod:`mfattn.limit` -- the mean-field limit: parameter ensembles on a depth grid, the forward-backward
+  McKean-Vlasov ODE in Diffrax, ensemble training and the coupled discrete parameters.
 """
 
+from . import limit as limit
 from . import losses as losses
 from . import optim as optim
 from . import train as train
@@ -51,6 +54,7 @@ __all__ = [
     "adjoint_field",
     "grad_map",
     "losses",
+    "limit",
     "optim",
     "train",
 ]
