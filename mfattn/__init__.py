@@ -18,6 +18,7 @@ The public API is small and functional:
 from . import limit as limit
 from . import losses as losses
 from . import optim as optim
+from . import sharding as sharding
 from . import train as train
 from .adjoint import adjoint_field as adjoint_field
 from .adjoint import grad_map as grad_map
@@ -56,6 +57,7 @@ __all__ = [
     "losses",
     "limit",
     "optim",
+    "sharding",
     "train",
 ]
 __version__ = "0.1.0"
