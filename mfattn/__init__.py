@@ -10,6 +10,7 @@ The public API is small and functional:
   shared by the discrete model and the mean-field limit;
 * :mod:`mfattn.losses` -- losses with their Lions derivatives;
 * :mod:`mfattn.optim` -- AdamW and blockwise AdamW as Optax transforms, the optimizer flow map;
+* :mod:`mfattn.tasks` -- bounded data tasks (teacher-student, denoising, in-context regression);
 * :mod:`mfattn.train` -- a jitted training step and a resumable training loop;
 * :mod:`mfattn.limit` -- the mean-field limit: parameter ensembles on a depth grid, the forward-backward
   McKean-Vlasov ODE in Diffrax, ensemble training and the coupled discrete parameters.
@@ -19,6 +20,7 @@ from . import limit as limit
 from . import losses as losses
 from . import optim as optim
 from . import sharding as sharding
+from . import tasks as tasks
 from . import train as train
 from .adjoint import adjoint_field as adjoint_field
 from .adjoint import grad_map as grad_map
@@ -58,6 +60,7 @@ __all__ = [
     "limit",
     "optim",
     "sharding",
+    "tasks",
     "train",
 ]
 __version__ = "0.1.0"
