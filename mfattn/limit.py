@@ -210,7 +210,7 @@ def forward(
     dt0: float | None = None,
     rtol: float = 1e-6,
     atol: float = 1e-8,
-    max_steps: int = 16_384,
+    max_steps: int = 4096,
     adjoint: diffrax.AbstractAdjoint | None = None,
 ) -> Float[Array, "T N d"]:
     """Solve ``dx/dt = F(mu_t, x, nu_t)`` for all tokens jointly on ``[t_0, t_K]``.
@@ -347,7 +347,7 @@ def forward_backward(
     dt0: float | None = None,
     rtol: float = 1e-6,
     atol: float = 1e-8,
-    max_steps: int = 16_384,
+    max_steps: int = 4096,
 ):
     """Forward solve, loss at ``t_K``, then the hand-derived adjoint ODE backwards.
 
@@ -486,7 +486,7 @@ def batch_grad_map(
         solve_kwargs.pop("solver", None),
         solve_kwargs.pop("stepsize_controller", None),
         solve_kwargs.pop("dt0", None),
-        solve_kwargs.pop("max_steps", 16_384),
+        solve_kwargs.pop("max_steps", 4096),
         None,
         solve_kwargs.pop("rtol", 1e-6),
         solve_kwargs.pop("atol", 1e-8),

@@ -87,7 +87,7 @@ def test_discrete_model_converges_to_the_limit_like_one_over_L():
     ens, x0, m, y = _instance(grid_size=5, particles=6, n=5, padding=True, variation=0.1)
     ens = jax.tree.map(lambda a: 0.7 * a, ens)
     loss = TokenRegression()
-    s = _settings(None, None, None, 16_384, None, 1e-12, 1e-13)
+    s = _settings(None, None, None, 4096, None, 1e-12, 1e-13)
     grid = limit.uniform_grid(5)
     _, xsol, psol = _dense_forward_backward(ens, x0, m, y, loss, jnp.asarray(BETA), None, grid, "linear", s)
     ls = [8, 16, 32, 64, 128, 256]
