@@ -158,3 +158,26 @@ def test_train_rejects_bad_settings(no_jaxtyping):
     with pytest.raises(ValueError, match="dimension"):
         train(task, wrong, opt, steps=1, **kw)
     assert isinstance(TrainState, type)
+
+
+def test_teacher_student_task_loss_halves():
+    """Issue requirement at CI size (the benchmark runs L = 8, H = 8, d = 4 for 300 steps)."""
+    from mfattn import tasks
+
+    task = tasks.TeacherStudent.random(
+        jax.random.key(0), dim=3, depth=3, heads=2, head_dim=3, beta=1.0, num_tokens=6, dtype=jnp.float64
+    )
+    params = mfattn.init_params(jax.random.key(1), 3, 4, 3, 3, dtype=jnp.float64)
+    _, hist = train(
+        task,
+        params,
+        optim.adamw(3e-2, weight_decay=1e-3),
+        steps=120,
+        batch_size=16,
+        beta=1.0,
+        key=jax.random.key(2),
+        log_every=60,
+        progress=False,
+    )
+    first, last = np.mean(hist["loss"][:5]), np.mean(hist["loss"][-5:])
+    assert last < 0.5 * first, (first, last)
