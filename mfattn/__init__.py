@@ -13,9 +13,11 @@ The public API is small and functional:
 * :mod:`mfattn.tasks` -- bounded data tasks (teacher-student, denoising, in-context regression);
 * :mod:`mfattn.train` -- a jitted training step and a resumable training loop;
 * :mod:`mfattn.limit` -- the mean-field limit: parameter ensembles on a depth grid, the forward-backward
-  McKean-Vlasov ODE in Diffrax, ensemble training and the coupled discrete parameters.
+  McKean-Vlasov ODE in Diffrax, ensemble training and the coupled discrete parameters;
+* :mod:`mfattn.gaussian` -- the Gaussian closure of the limit (mean and covariance ODEs).
 """
 
+from . import gaussian as gaussian
 from . import limit as limit
 from . import losses as losses
 from . import optim as optim
@@ -57,6 +59,7 @@ __all__ = [
     "adjoint_field",
     "grad_map",
     "losses",
+    "gaussian",
     "limit",
     "optim",
     "sharding",

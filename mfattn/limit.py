@@ -443,7 +443,7 @@ def batch_grad_map(
     radius=None,
     grid=None,
     interpolation: Interpolation = "linear",
-    coupled: Params | None = None,
+    coupled: Params | tuple | None = None,
     **solve_kwargs,
 ):
     """Batch-mean loss and mean-field gradients of the ensemble and, optionally, of coupled discrete heads.
@@ -452,8 +452,9 @@ def batch_grad_map(
         ensemble: ``(K+1, M, d, k)`` parameter particles on the grid.
         tokens: ``(B, N, d)``; weights: ``(B, N)``; targets: pytree with leading axis ``B``.
         loss: an :class:`~mfattn.losses.Loss`.
-        coupled: optional discrete parameters ``(L, H, d, k)`` (paper eq. 23): head ``h`` of layer ``l`` gets
-            the gradient map ``g(theta_{l,h}, pi_{t_l})`` of the *limit's* measure at ``t_l = l / L``.
+        coupled: optional discrete parameters ``(L, H, d, k)`` (paper eq. 23), or a tuple of them (one per
+            sweep point, each with its own ``L, H``): head ``h`` of layer ``l`` gets the gradient map
+            ``g(theta_{l,h}, pi_{t_l})`` of the *limit's* measure at ``t_l = l / L``.
         solve_kwargs: ``solver``, ``stepsize_controller``, ``dt0``, ``rtol``, ``atol``, ``max_steps``.
 
     Returns:
@@ -475,13 +476,14 @@ def batch_grad_map(
         "limit.batch_grad_map", ensemble, tokens[0], weights[0], beta, radius, grid, interpolation
     )
     if coupled is not None:
-        _checks.check_params("limit.batch_grad_map", coupled)
-        if coupled.wq.shape[2:] != ensemble.wq.shape[2:]:
-            raise ValueError(
-                f"limit.batch_grad_map: coupled (d, k) = {coupled.wq.shape[2:]} differs from the ensemble's "
-                f"{ensemble.wq.shape[2:]}."
-            )
-        coupled = coupled.astype(tokens.dtype)
+        for c in _coupled_list(coupled):
+            _checks.check_params("limit.batch_grad_map", c)
+            if c.wq.shape[2:] != ensemble.wq.shape[2:]:
+                raise ValueError(
+                    f"limit.batch_grad_map: coupled (d, k) = {c.wq.shape[2:]} differs from the ensemble's "
+                    f"{ensemble.wq.shape[2:]}."
+                )
+        coupled = jax.tree.map(lambda a: a.astype(tokens.dtype), coupled)
     s = _settings(
         solve_kwargs.pop("solver", None),
         solve_kwargs.pop("stepsize_controller", None),
@@ -514,16 +516,25 @@ def _batch_grad_map(ensemble, tokens, weights, targets, loss, beta, radius, grid
         value, xsol, psol = _dense_forward_backward(ensemble, x0, w, y, loss, beta, radius, grid, interpolation, s)
         xs, ps = jax.vmap(xsol.evaluate)(grid), jax.vmap(psol.evaluate)(grid)
         g_ens = jax.lax.map(lambda a: grad_map(a[0], a[1], a[2], w, beta=beta, radius=radius), (ensemble, xs, ps))
-        g_c = None
-        if coupled is not None:
-            tl = _layer_times(coupled.depth, grid)
+        def coupled_grad(c):
+            tl = _layer_times(c.depth, grid)
             xl, pl = jax.vmap(xsol.evaluate)(tl), jax.vmap(psol.evaluate)(tl)
-            g_c = jax.lax.map(lambda a: grad_map(a[0], a[1], a[2], w, beta=beta, radius=radius), (coupled, xl, pl))
+            return jax.lax.map(lambda a: grad_map(a[0], a[1], a[2], w, beta=beta, radius=radius), (c, xl, pl))
+
+        g_c = None if coupled is None else jax.tree.map(coupled_grad, coupled, is_leaf=_is_params)
         return value, g_ens, g_c
 
     values, g_ens, g_c = jax.vmap(one)(tokens, weights, targets)
     mean = lambda tree: None if tree is None else jax.tree.map(lambda a: jnp.mean(a, axis=0), tree)
     return jnp.mean(values), mean(g_ens), mean(g_c)
+
+
+def _is_params(node) -> bool:
+    return isinstance(node, Params)
+
+
+def _coupled_list(coupled) -> list:
+    return [c for c in jax.tree.leaves(coupled, is_leaf=_is_params) if isinstance(c, Params)]
 
 
 class LimitState(NamedTuple):
@@ -535,7 +546,7 @@ class LimitState(NamedTuple):
     coupled_opt_state: object = None
 
 
-def init_state(optimizer: optax.GradientTransformation, ensemble: Params, coupled: Params | None = None) -> LimitState:
+def init_state(optimizer: optax.GradientTransformation, ensemble: Params, coupled: Params | tuple | None = None) -> LimitState:
     """Optimizer states for the ensemble and (if given) the coupled discrete parameters."""
     return LimitState(ensemble, optimizer.init(ensemble), coupled, None if coupled is None else optimizer.init(coupled))
 
