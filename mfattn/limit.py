@@ -516,6 +516,7 @@ def _batch_grad_map(ensemble, tokens, weights, targets, loss, beta, radius, grid
         value, xsol, psol = _dense_forward_backward(ensemble, x0, w, y, loss, beta, radius, grid, interpolation, s)
         xs, ps = jax.vmap(xsol.evaluate)(grid), jax.vmap(psol.evaluate)(grid)
         g_ens = jax.lax.map(lambda a: grad_map(a[0], a[1], a[2], w, beta=beta, radius=radius), (ensemble, xs, ps))
+
         def coupled_grad(c):
             tl = _layer_times(c.depth, grid)
             xl, pl = jax.vmap(xsol.evaluate)(tl), jax.vmap(psol.evaluate)(tl)
@@ -546,7 +547,9 @@ class LimitState(NamedTuple):
     coupled_opt_state: object = None
 
 
-def init_state(optimizer: optax.GradientTransformation, ensemble: Params, coupled: Params | tuple | None = None) -> LimitState:
+def init_state(
+    optimizer: optax.GradientTransformation, ensemble: Params, coupled: Params | tuple | None = None
+) -> LimitState:
     """Optimizer states for the ensemble and (if given) the coupled discrete parameters."""
     return LimitState(ensemble, optimizer.init(ensemble), coupled, None if coupled is None else optimizer.init(coupled))
 

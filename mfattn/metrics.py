@@ -77,13 +77,7 @@ def sup_search(
     if starts > 0 and steps > 0:
         order = jnp.argsort(-values)[:starts]
         best_vals, best_x = projected_ascent(
-            value_and_grad_fn,
-            values_fn,
-            candidates[order],
-            values[order],
-            radius=radius,
-            steps=steps,
-            step_size=step_size,
+            value_and_grad_fn, candidates[order], radius=radius, steps=steps, step_size=step_size
         )
         out["ascent"] = float(jnp.max(best_vals))
         if out["ascent"] > best_set:
@@ -95,22 +89,21 @@ def sup_search(
 
 def projected_ascent(
     value_and_grad_fn: Callable[[Array], tuple[Array, Array]],
-    values_fn: Callable[[Array], Array],
     x: Float[Array, "S N d"],
-    values: Float[Array, " S"],
     *,
     radius: float,
     steps: int,
     step_size: float,
 ) -> tuple[Array, Array]:
-    """``steps`` steps of ``X <- Pi_R(X + step_size R g / |g|_F)`` from each of the ``S`` starts ``x`` (whose
-    values are ``values``); returns the best value seen on each path and the input attaining it."""
-    best_vals, best_x = values, x
+    """``steps`` steps of ``X <- Pi_R(X + step_size R g / |g|_F)`` from each of the ``S`` starts ``x``; returns
+    the best value seen on each path (the start included) and the input attaining it. Uses ``steps + 1``
+    calls of ``value_and_grad_fn: (S, N, d) -> ((S,), (S, N, d))`` and nothing else."""
+    vals, g = value_and_grad_fn(x)
+    best_vals, best_x = vals, x
     for _ in range(steps):
-        _, g = value_and_grad_fn(x)
         gnorm = jnp.sqrt(jnp.sum(g * g, axis=(-2, -1), keepdims=True))
         x = jax.vmap(lambda z: project_ball(z, radius))(x + step_size * radius * g / jnp.maximum(gnorm, 1e-30))
-        vals = values_fn(x)
+        vals, g = value_and_grad_fn(x)
         improved = vals > best_vals
         best_vals = jnp.where(improved, vals, best_vals)
         best_x = jnp.where(improved[:, None, None], x, best_x)

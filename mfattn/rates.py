@@ -1,0 +1,541 @@
+"""The main experiment: how fast does the trained discrete transformer approach its mean-field limit?
+
+For each sweep point (depth ``L``, heads ``H``, tokens ``N``, width ``d``, optimizer) and seed, a discrete model
+and the limit are trained on the same data stream (SPEC sections 5 and 7):
+
+* the limit: an ensemble of ``M`` parameter particles on a grid of ``K + 1`` depths, drawn from ``nu_0``, trained
+  by the optimizer's flow map with its own mean-field gradients; a second, independent ensemble gives the
+  limit's Monte-Carlo error;
+* the discrete model: ``L x H`` heads drawn from ``nu_0``, trained with its own gradients (hand adjoint);
+* the coupled parameters ``theta_bar`` (paper eq. 23): the discrete model's initial heads trained with the
+  limit's gradients at ``t_l = l / L``.
+
+At training steps ``0``, ``K/2`` and ``K`` it records the pointwise error (mean over a test set of
+``max_l (|x^l - x(t_l)|^2 + |p^l - p(t_l)|^2)^(1/2)``), the uniform error (its supremum over inputs: the maximum
+over a test set mixing input families, then projected gradient ascent from the worst of them), the parameter
+gap ``max_{l,h} |theta_{l,h} - theta_bar_{l,h}|`` of Lemma 6, and the limit's Monte-Carlo error.
+
+Rows are appended to ``results.csv`` as each is computed; a rerun with the same output folder skips what is
+there. ``mfattn.fits`` then fits ``err = a L^-1 + b L^-alpha H^-gamma`` and power laws along each axis, with
+bootstrap intervals over seeds, and draws the plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+import zlib
+from collections.abc import Sequence
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import limit, optim
+from .limit import _dense_forward_backward, _settings
+from .metrics import discrepancy, input_families, projected_ascent
+from .params import Params, init_params
+from .particles import _adjoint, _forward
+from .tasks import TeacherStudent
+from .train import train_step
+
+__all__ = ["RatesConfig", "QUICK", "run", "load_config", "COLUMNS"]
+
+COLUMNS = [
+    "sweep", "optimizer", "depth", "heads", "num_tokens", "dim", "seed", "step",
+    "pointwise_err", "uniform_err", "uniform_test_set", "uniform_ascent", "uniform_source",
+    "param_gap", "mc_err", "mc_flag", "wall_s",
+]  # fmt: skip
+
+
+@dataclasses.dataclass
+class RatesConfig:
+    """Every setting of the experiment; a TOML file (``mfattn rates --config``) overrides any of them.
+
+    The default finishes in about 5 minutes on a 2-core CPU and shows the depth and head dependence; the
+    ``N`` and ``d`` sweeps (each needs its own limit) are off by default: list values in ``tokens_sweep``
+    or ``dims_sweep`` to run them at ``(depth_ref, heads_ref)``.
+    """
+
+    # model and data (teacher-student: inputs uniform in the ball, targets from a random teacher)
+    dim: int = 2
+    head_dim: int = 2
+    num_tokens: int = 4
+    beta: float = 1.0
+    radius: float = 1.0
+    teacher_depth: int = 2
+    teacher_heads: int = 2
+    task_seed: int = 1234
+    # sweeps
+    depths: Sequence[int] = (1, 2, 4, 8, 16)
+    heads: Sequence[int] = (1, 4, 16)
+    tokens_sweep: Sequence[int] = ()
+    dims_sweep: Sequence[int] = ()
+    depth_ref: int = 8
+    heads_ref: int = 4
+    seeds: int = 2
+    # training
+    steps: int = 4
+    batch_size: int = 4
+    optimizer: str = "adamw"
+    learning_rate: float = 2e-2
+    weight_decay: float = 1e-2
+    b1: float = 0.9
+    b2: float = 0.999
+    init: str = "mean_noise"
+    init_scale: float = 0.5
+    # the limit
+    particles: int = 1024
+    grid_size: int = 9
+    solver_steps: int = 1  # Tsit5 steps per grid interval; 0: adaptive (PID, rtol/atol)
+    rtol: float = 1e-5
+    atol: float = 1e-7
+    mc_check: bool = True
+    # the supremum over inputs
+    test_per_family: int = 3
+    ascent_starts: int = 1
+    ascent_steps: int = 2
+    ascent_step_size: float = 0.1
+    precision: str = "float32"
+
+    def validate(self) -> RatesConfig:
+        for name in ("dim", "head_dim", "num_tokens", "teacher_depth", "teacher_heads", "depth_ref", "heads_ref",
+                     "seeds", "batch_size", "particles", "test_per_family"):  # fmt: skip
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"rates config: {name} must be a positive integer, got {v!r}.")
+        for name in ("steps", "ascent_starts", "ascent_steps", "solver_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"rates config: {name} must be a non-negative integer, got {v!r}.")
+        if self.grid_size < 2:
+            raise ValueError(f"rates config: grid_size must be >= 2, got {self.grid_size}.")
+        for name in ("depths", "heads"):
+            v = list(getattr(self, name))
+            if not v or any(not isinstance(x, int) or x < 1 for x in v):
+                raise ValueError(f"rates config: {name} must be a non-empty list of positive integers, got {v!r}.")
+        if math.lcm(*self.depths, self.depth_ref) > 4096:
+            raise ValueError(
+                "rates config: the limit is evaluated at t = l / lcm(depths); lcm(depths, depth_ref) = "
+                f"{math.lcm(*self.depths, self.depth_ref)} > 4096. Use depths that divide each other "
+                "(e.g. powers of 2)."
+            )
+        for name in ("tokens_sweep", "dims_sweep"):
+            v = list(getattr(self, name))
+            if any(not isinstance(x, int) or x < 1 for x in v):
+                raise ValueError(f"rates config: {name} must list positive integers, got {v!r}.")
+        if not self.beta >= 0 or not self.radius > 0:
+            raise ValueError(f"rates config: need beta >= 0 and radius > 0, got {self.beta}, {self.radius}.")
+        if self.optimizer not in ("adamw", "blockwise_adamw"):
+            raise ValueError(f"rates config: optimizer must be 'adamw' or 'blockwise_adamw', got {self.optimizer!r}.")
+        if self.precision not in ("float32", "float64"):
+            raise ValueError(f"rates config: precision must be 'float32' or 'float64', got {self.precision!r}.")
+        _make_optimizer(self, self.optimizer)  # validates learning rate, b1, b2, weight decay
+        return self
+
+
+QUICK = {
+    "depths": (2, 4, 8), "heads": (1, 4), "seeds": 2, "steps": 4, "batch_size": 2, "particles": 128,
+    "grid_size": 5, "test_per_family": 4, "ascent_starts": 1, "ascent_steps": 1,
+}  # fmt: skip
+
+
+def load_config(path: str | None = None, *, quick: bool = False) -> RatesConfig:
+    """The default configuration, with ``--quick``'s overrides, then the TOML file's (top-level keys)."""
+    values = {}
+    if quick:
+        values.update(QUICK)
+    if path is not None:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python < 3.11
+            import tomli as tomllib
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        fields = {f.name for f in dataclasses.fields(RatesConfig)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"rates config {path}: unknown keys {unknown}; known keys: {sorted(fields)}.")
+        values.update(data)
+    cfg = RatesConfig(**values)
+    for name in ("depths", "heads", "tokens_sweep", "dims_sweep"):
+        setattr(cfg, name, tuple(getattr(cfg, name)))
+    return cfg.validate()
+
+
+def _make_optimizer(cfg: RatesConfig, name: str):
+    make = optim.adamw if name == "adamw" else optim.blockwise_adamw
+    return make(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """Sweep points sharing one limit: same tokens N, width d and optimizer."""
+
+    sweep: str
+    num_tokens: int
+    dim: int
+    optimizer: str
+    points: tuple  # ((L, H), ...)
+
+
+def _groups(cfg: RatesConfig) -> list[_Group]:
+    groups = [_Group("LH", cfg.num_tokens, cfg.dim, cfg.optimizer,
+                     tuple((L, H) for L in cfg.depths for H in cfg.heads))]  # fmt: skip
+    ref = ((cfg.depth_ref, cfg.heads_ref),)
+    groups += [_Group("N", n, cfg.dim, cfg.optimizer, ref) for n in cfg.tokens_sweep]
+    groups += [_Group("d", cfg.num_tokens, d, opt, ref) for d in cfg.dims_sweep for opt in ("adamw", "blockwise_adamw")]
+    return groups
+
+
+def _row_key(sweep, optimizer, depth, heads, n, d, seed, step) -> tuple:
+    return (str(sweep), str(optimizer), int(depth), int(heads), int(n), int(d), int(seed), int(step))
+
+
+def _read_done(path: str) -> set:
+    if not os.path.exists(path):
+        return set()
+    with open(path, newline="") as f:
+        return {
+            _row_key(
+                r["sweep"], r["optimizer"], r["depth"], r["heads"], r["num_tokens"], r["dim"], r["seed"], r["step"]
+            )
+            for r in csv.DictReader(f)
+        }
+
+
+class _Writer:
+    """Appends rows to ``results.csv`` and flushes each one (an interruption loses no finished row)."""
+
+    def __init__(self, path: str):
+        new = not os.path.exists(path) or os.path.getsize(path) == 0
+        self.f = open(path, "a", newline="")
+        self.w = csv.DictWriter(self.f, fieldnames=COLUMNS)
+        if new:
+            self.w.writeheader()
+            self.f.flush()
+
+    def write(self, row: dict) -> None:
+        self.w.writerow(row)
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _eval_steps(steps: int) -> list[int]:
+    return sorted({0, steps // 2, steps})
+
+
+def _param_gap(a: Params, b: Params):
+    sq = sum(jnp.sum((x - y) ** 2, axis=(-2, -1)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return jnp.sqrt(jnp.max(sq))
+
+
+class _Models(eqx.Module):
+    """Jitted pieces for one group (shapes fixed by the group, so each compiles once for all seeds)."""
+
+    task: TeacherStudent
+    beta: jax.Array
+    grid: jax.Array
+    settings: object
+
+    def teacher(self, x, w):
+        return _forward(self.task.teacher, x, w, self.task.beta, None)[-1]
+
+    def limit_traj(self, ens, x, w, y, depth: int):
+        """Limit tokens and adjoints at ``t_l = l / depth``, ``l = 0..depth``: two ``(depth+1, N, d)``."""
+        _, xsol, psol = _dense_forward_backward(
+            ens, x, w, y, self.task.loss, self.beta, None, self.grid, "linear", self.settings
+        )
+        t = jnp.arange(depth + 1, dtype=self.grid.dtype) / depth
+        return jax.vmap(xsol.evaluate)(t), jax.vmap(psol.evaluate)(t)
+
+    def discrete_traj(self, params, x, w, y):
+        traj = _forward(params, x, w, self.beta, None)
+        ps = _adjoint(params, traj, self.task.loss.lions(traj[-1], w, y), w, self.beta, None)
+        return traj, ps
+
+    def errs(self, discrete, ens, x, w, lmax: int):
+        """``err(x)`` of every sweep point (a tuple of discrete models) against one limit solve: ``(P,)``."""
+        y = self.teacher(x, w)
+        xl, pl = self.limit_traj(ens, x, w, y, lmax)
+        out = []
+        for params in discrete:
+            stride = lmax // params.depth
+            xd, pd = self.discrete_traj(params, x, w, y)
+            out.append(discrepancy(xd, pd, xl[::stride], pl[::stride], w))
+        return jnp.stack(out)
+
+
+@eqx.filter_jit
+def _errs(models: _Models, discrete, ensembles, xs, w, lmax: int):
+    """Every input against every sweep point, and the limit's Monte-Carlo error on each input.
+
+    ``ensembles`` stacks the limit's ensemble A (and, for the Monte-Carlo check, an independent ensemble B)
+    on a leading axis. Returns ``(errs (C, P), mc (C,))``; ``mc = discrepancy(A, B) / sqrt(2)`` (NaN without
+    B). One compilation per group serves every evaluation and the ascent's values.
+    """
+    ens_a = jax.tree.map(lambda a: a[0], ensembles)
+
+    def one(x):
+        y = models.teacher(x, w)
+        xl, pl = models.limit_traj(ens_a, x, w, y, lmax)
+        out = []
+        for params in discrete:
+            stride = lmax // params.depth
+            xd, pd = models.discrete_traj(params, x, w, y)
+            out.append(discrepancy(xd, pd, xl[::stride], pl[::stride], w))
+        if ensembles.wq.shape[0] > 1:
+            xb, pb = models.limit_traj(jax.tree.map(lambda a: a[1], ensembles), x, w, y, lmax)
+            mc = discrepancy(xl, pl, xb, pb, w) / jnp.sqrt(2.0)
+        else:
+            mc = jnp.full((), jnp.nan, xl.dtype)
+        return jnp.stack(out), mc
+
+    return jax.vmap(one)(xs)
+
+
+@eqx.filter_jit
+def _point_errs_and_grads(models: _Models, discrete, ens, xs, w, idx, lmax: int):
+    """``err`` of input ``s`` against sweep point ``idx[s]``, and its gradient in the input."""
+    return jax.vmap(jax.value_and_grad(lambda x, i: models.errs(discrete, ens, x, w, lmax)[i]))(xs, idx)
+
+
+@eqx.filter_jit
+def _limit_step(ensembles, opt_states, coupled, coupled_opt, batch, loss, optimizer, beta, grid, settings):
+    """One optimizer step of the stacked ensembles (A, and B for the Monte-Carlo check; vmapped, so the
+    body compiles once) and of the coupled heads, which follow ensemble A's gradients (paper eq. 23)."""
+    tokens, weights, targets = batch
+
+    def grads(ens):
+        return limit._batch_grad_map(ens, tokens, weights, targets, loss, beta, None, grid, "linear", settings, coupled)
+
+    _, g_ens, g_c = jax.vmap(grads)(ensembles)
+    updates, opt_states = jax.vmap(optimizer.update)(g_ens, opt_states, ensembles)
+    ensembles = optax.apply_updates(ensembles, updates)
+    updates, coupled_opt = optimizer.update(jax.tree.map(lambda a: a[0], g_c), coupled_opt, coupled)
+    return ensembles, opt_states, optax.apply_updates(coupled, updates), coupled_opt
+
+
+@eqx.filter_jit
+def _discrete_step(params, opt_state, batch, loss, optimizer, beta):
+    return train_step(params, opt_state, batch, loss=loss, optimizer=optimizer, beta=beta)[:2]
+
+
+_SETUP_CACHE: dict = {}
+
+
+def _group_setup(cfg: RatesConfig, group: _Group, dtype):
+    """The task, optimizer and jitted models of a group, built once and shared by its seeds: ``filter_jit``
+    keys on these objects, so rebuilding them per seed would recompile everything."""
+    key = (json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str), group, str(dtype))
+    if key not in _SETUP_CACHE:
+        d, n = group.dim, group.num_tokens
+        task = TeacherStudent.random(
+            jax.random.key(cfg.task_seed), dim=d, depth=cfg.teacher_depth, heads=cfg.teacher_heads,
+            head_dim=cfg.head_dim, beta=cfg.beta, num_tokens=n, radius=cfg.radius, dtype=dtype,
+        )  # fmt: skip
+        opt = _make_optimizer(cfg, group.optimizer)
+        grid = limit.uniform_grid(cfg.grid_size, dtype)
+        beta = jnp.asarray(cfg.beta, dtype)
+        if cfg.solver_steps > 0:
+            # Fixed Tsit5 steps landing on the grid times (where the parameter field has kinks): accurate
+            # for this smooth field, and far lighter to compile and differentiate than the adaptive loop.
+            n_steps = cfg.solver_steps * (cfg.grid_size - 1)
+            settings = _settings(diffrax.Tsit5(), diffrax.ConstantStepSize(), 1.0 / n_steps, n_steps + 1, None,
+                                 cfg.rtol, cfg.atol)  # fmt: skip
+        else:
+            settings = _settings(None, None, None, 4096, None, cfg.rtol, cfg.atol)
+        _SETUP_CACHE.clear()  # one group at a time: keep memory bounded
+        _SETUP_CACHE[key] = (task, task.loss, opt, grid, beta, settings, _Models(task, beta, grid, settings))
+    return _SETUP_CACHE[key]
+
+
+def _run_unit(cfg: RatesConfig, group: _Group, seed: int, done: set, writer: _Writer, bar, dtype) -> None:
+    """One group and one seed: train the limit, the discrete models and the coupled heads; evaluate."""
+    k_head = cfg.head_dim
+    d, n = group.dim, group.num_tokens
+    task, loss, opt, grid, beta, settings, models = _group_setup(cfg, group, dtype)
+    # zlib.crc32, not hash(): Python's str hash changes between processes, and a resumed run must
+    # regenerate exactly the same models and data.
+    tag = zlib.crc32(repr((group.sweep, n, d, group.optimizer)).encode()) % (2**31)
+    key = jax.random.fold_in(jax.random.key(seed), tag)
+    k_ens, k_mc, k_disc, k_data, k_test = jax.random.split(key, 5)
+    init_kw = dict(init=cfg.init, scale=cfg.init_scale, dtype=dtype)
+    ens_keys = [k_ens, k_mc] if cfg.mc_check else [k_ens]
+    ensembles = jax.tree.map(
+        lambda *a: jnp.stack(a),
+        *[limit.init_ensemble(kk, cfg.grid_size, cfg.particles, d, k_head, **init_kw) for kk in ens_keys],
+    )
+    opt_states = jax.vmap(opt.init)(ensembles)
+    discrete = tuple(
+        init_params(jax.random.fold_in(k_disc, 1000 * L + H), L, H, d, k_head, **init_kw) for L, H in group.points
+    )
+    coupled, coupled_opt = discrete, opt.init(discrete)  # coupled heads start at the discrete model's own init
+    disc_opt = tuple(opt.init(p) for p in discrete)
+
+    fams = input_families(k_test, cfg.test_per_family, n, d, cfg.radius, dtype)
+    train_like = task.sample(jax.random.fold_in(k_test, 1), cfg.test_per_family).tokens
+    xs = jnp.concatenate([train_like, *fams.values()], axis=0)
+    w0 = jnp.full((n,), 1.0 / n, dtype)
+    lmax = math.lcm(*(L for L, _ in group.points))
+
+    for step in range(cfg.steps + 1):
+        if step in _eval_steps(cfg.steps):
+            keys = [_row_key(group.sweep, group.optimizer, L, H, n, d, seed, step) for L, H in group.points]
+            if not all(kk in done for kk in keys):
+                _evaluate(cfg, group, seed, step, models, discrete, coupled, ensembles, xs, w0, lmax, keys, done,
+                          writer)  # fmt: skip
+        if bar is not None:
+            bar.update(1)
+        if step == cfg.steps:
+            break
+        batch = tuple(task.sample(jax.random.fold_in(k_data, step), cfg.batch_size))
+        ensembles, opt_states, coupled, coupled_opt = _limit_step(
+            ensembles, opt_states, coupled, coupled_opt, batch, loss, opt, beta, grid, settings
+        )
+        new = [_discrete_step(p, s, batch, loss, opt, beta) for p, s in zip(discrete, disc_opt)]
+        discrete, disc_opt = tuple(a for a, _ in new), tuple(b for _, b in new)
+
+
+def _evaluate(cfg, group, seed, step, models, discrete, coupled, ensembles, xs, w0, lmax, keys, done, writer):
+    """Errors of every sweep point of a group at one training step; one CSV row per point."""
+    t0 = time.perf_counter()
+    ens_a = jax.tree.map(lambda a: a[0], ensembles)
+    errs, mc = _errs(models, discrete, ensembles, xs, w0, lmax)  # (C, P), (C,)
+    mc_err = float(jnp.mean(mc))
+    num_points = len(group.points)
+    test_set = jnp.max(errs, axis=0)
+    ascent = jnp.full((num_points,), -jnp.inf)
+    starts = min(cfg.ascent_starts, xs.shape[0])
+    if starts > 0 and cfg.ascent_steps > 0:
+        order = jnp.argsort(-errs, axis=0)[:starts]  # (S, P): worst candidates of each point
+        rows = order.T.reshape(-1)  # point-major
+        idx = jnp.repeat(jnp.arange(num_points), starts)
+        best, _ = projected_ascent(
+            lambda z: _point_errs_and_grads(models, discrete, ens_a, z, w0, idx, lmax),
+            xs[rows], radius=cfg.radius, steps=cfg.ascent_steps, step_size=cfg.ascent_step_size,
+        )  # fmt: skip
+        ascent = jnp.max(best.reshape(num_points, starts), axis=1)
+    wall = (time.perf_counter() - t0) / num_points
+    for p, ((L, H), params, theta_bar, kk) in enumerate(zip(group.points, discrete, coupled, keys)):
+        if kk in done:
+            continue
+        pointwise = float(jnp.mean(errs[:, p]))
+        ts_val, as_val = float(test_set[p]), float(ascent[p])
+        writer.write({
+            "sweep": group.sweep, "optimizer": group.optimizer, "depth": L, "heads": H,
+            "num_tokens": group.num_tokens, "dim": group.dim, "seed": seed, "step": step,
+            "pointwise_err": f"{pointwise:.6e}", "uniform_err": f"{max(ts_val, as_val):.6e}",
+            "uniform_test_set": f"{ts_val:.6e}", "uniform_ascent": f"{as_val:.6e}",
+            "uniform_source": "ascent" if as_val > ts_val else "test_set",
+            "param_gap": f"{float(_param_gap(params, theta_bar)):.6e}",
+            "mc_err": f"{mc_err:.6e}", "mc_flag": int(cfg.mc_check and mc_err > 0.2 * pointwise),
+            "wall_s": f"{wall:.3f}",
+        })  # fmt: skip
+        done.add(kk)
+
+
+def run(cfg: RatesConfig, out_dir: str, *, progress: bool = True) -> dict:
+    """Run (or resume) the experiment into ``out_dir``; return the summary (also written to summary.json)."""
+    from . import fits
+
+    cfg.validate()
+    if cfg.precision == "float64" and not jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", True)
+    dtype = jnp.float64 if cfg.precision == "float64" else jnp.float32
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "results.csv")
+    config_path = os.path.join(out_dir, "config.json")
+    cfg_dict = dataclasses.asdict(cfg)
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            previous = json.load(f)
+        if previous != json.loads(json.dumps(cfg_dict)):
+            raise ValueError(
+                f"rates: {out_dir} holds a run with a different configuration ({config_path}); "
+                "use another --out, or delete the folder to start over."
+            )
+    else:
+        with open(config_path, "w") as f:
+            json.dump(cfg_dict, f, indent=2)
+    done = _read_done(csv_path)
+    groups = _groups(cfg)
+    units = [(g, s) for g in groups for s in range(cfg.seeds)]
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(units) * (cfg.steps + 1), desc="rates", unit="step")
+    writer = _Writer(csv_path)
+    try:
+        for group, seed in units:
+            keys = [
+                _row_key(group.sweep, group.optimizer, L, H, group.num_tokens, group.dim, seed, st)
+                for L, H in group.points
+                for st in _eval_steps(cfg.steps)
+            ]
+            if all(k in done for k in keys):
+                if bar is not None:
+                    bar.update(cfg.steps + 1)
+                continue
+            _run_unit(cfg, group, seed, done, writer, bar, dtype)
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - t0
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    summary = {
+        "fits": fits.summarize(rows),
+        "config": cfg_dict,
+        "versions": _versions(),
+        "device": {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+                   "platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "elapsed_s_this_invocation": elapsed,
+        "rows": len(rows),
+    }  # fmt: skip
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(_jsonable(summary), f, indent=2)
+    summary["plots"] = fits.plot(rows, out_dir)
+    summary["table"] = fits.table(rows)
+    return summary
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("mfattn", "jax", "jaxlib", "optax", "diffrax", "equinox", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    return obj
