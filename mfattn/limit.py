@@ -212,7 +212,8 @@ def forward(
     atol: float = 1e-8,
     max_steps: int = 4096,
     adjoint: diffrax.AbstractAdjoint | None = None,
-) -> Float[Array, "T N d"]:
+    saveat: diffrax.SaveAt | None = None,
+):
     """Solve ``dx/dt = F(mu_t, x, nu_t)`` for all tokens jointly on ``[t_0, t_K]``.
 
     Args:
@@ -230,9 +231,11 @@ def forward(
         max_steps: Diffrax's step budget.
         adjoint: how ``jax.grad`` differentiates through this solve (default
             ``diffrax.RecursiveCheckpointAdjoint()``; ``diffrax.BacksolveAdjoint()`` also works).
+        saveat: a ``diffrax.SaveAt`` used instead of ``SaveAt(ts=ts)`` (e.g. ``SaveAt(dense=True)`` or
+            ``SaveAt(steps=True)``); the whole ``diffrax.Solution`` is then returned.
 
     Returns:
-        ``(T, N, d)``: the tokens at the save times.
+        ``(T, N, d)``: the tokens at the save times (or the ``diffrax.Solution`` when ``saveat`` is given).
 
     Example::
 
@@ -242,9 +245,16 @@ def forward(
     ensemble, tokens, weights, beta, radius, grid = _prepare(
         "limit.forward", ensemble, tokens, weights, beta, radius, grid, interpolation
     )
-    ts = _check_ts("limit.forward", ts, tokens.dtype)
+    ts = None if saveat is not None else _check_ts("limit.forward", ts, tokens.dtype)
     s = _settings(solver, stepsize_controller, dt0, max_steps, adjoint, rtol, atol)
+    if saveat is not None:
+        return _solve(ensemble, tokens, weights, beta, radius, grid, interpolation, s, saveat)
     return _forward(ensemble, tokens, weights, beta, radius, grid, interpolation, s, ts)
+
+
+@eqx.filter_jit
+def _solve(ensemble, tokens, weights, beta, radius, grid, interpolation, s, saveat):
+    return _forward_solution(ensemble, tokens, weights, beta, radius, grid, interpolation, s, saveat)
 
 
 def _backward_solve(ensemble, xsol, terminal, weights, beta, radius, grid, interpolation, s: _Solve, ts_desc):

@@ -71,6 +71,20 @@ def test_explicit_euler_on_piecewise_field_is_the_discrete_model():
     )
     discrete = jax.tree.map(lambda a: a[:depth], ens)
     np.testing.assert_allclose(xs, mfattn.forward(discrete, x0, beta=BETA, weights=m), rtol=0, atol=1e-12)
+    # with a SaveAt of our own: the whole diffrax Solution, here every Euler step
+    sol = limit.forward(
+        ens,
+        x0,
+        beta=BETA,
+        ts=None,
+        weights=m,
+        interpolation="piecewise",
+        solver=diffrax.Euler(),
+        stepsize_controller=diffrax.ConstantStepSize(),
+        dt0=1.0 / depth,
+        saveat=diffrax.SaveAt(t0=True, steps=True),
+    )
+    np.testing.assert_allclose(sol.ys[: depth + 1], xs, rtol=0, atol=1e-12)
     # discretize() builds that same model from the field
     np.testing.assert_array_equal(limit.discretize(ens, depth, interpolation="piecewise").wq, discrete.wq)
 
