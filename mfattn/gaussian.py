@@ -32,7 +32,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from . import _checks
-from .limit import param_at, uniform_grid
+from .limit import _default_controller, param_at, uniform_grid
 from .params import Params
 
 __all__ = ["gaussian_velocity", "softmax_closure"]
@@ -207,10 +207,6 @@ def softmax_closure(
     if solver is None:
         solver = diffrax.Tsit5()
     if stepsize_controller is None:
-        # The field has kinks (linear) or jumps (piecewise) at the grid times: step onto them exactly.
-        pid = diffrax.PIDController(rtol=rtol, atol=atol)
-        if interpolation == "piecewise":
-            stepsize_controller = diffrax.ClipStepSizeController(pid, jump_ts=grid)
-        else:
-            stepsize_controller = diffrax.ClipStepSizeController(pid, step_ts=grid)
+        # the limit's default: a PID controller stepping onto the grid times (kinks or jumps of the field)
+        stepsize_controller = _default_controller(grid, interpolation, rtol, atol)
     return _solve(ensemble, mean0, cov0, beta, grid, interpolation, ts, solver, stepsize_controller, dt0, max_steps)
