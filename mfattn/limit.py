@@ -302,6 +302,8 @@ def backward(
     Args:
         ensemble, tokens, beta, weights, radius, grid, interpolation: as in :func:`forward`.
         terminal_fn: ``x(t_K) (N, d) -> p(t_K) (N, d)``, e.g. ``lambda x: loss.lions(x, weights, targets)``.
+            It is a static argument of the compiled solve: pass the same function object on every call (a new
+            ``lambda`` each time recompiles), or use :func:`forward_backward` with a loss.
         ts: ``(T,)`` increasing save times.
         solve_kwargs: ``solver``, ``stepsize_controller``, ``dt0``, ``rtol``, ``atol``, ``max_steps``.
 
