@@ -15,9 +15,10 @@ At training steps ``0``, ``K/2`` and ``K`` it records the pointwise error (mean 
 over a test set mixing input families, then projected gradient ascent from the worst of them), the parameter
 gap ``max_{l,h} |theta_{l,h} - theta_bar_{l,h}|`` of Lemma 6, and the limit's Monte-Carlo error.
 
-Rows are appended to ``results.csv`` as each is computed; a rerun with the same output folder skips what is
-there. ``mfattn.fits`` then fits ``err = a L^-1 + b L^-alpha H^-gamma`` and power laws along each axis, with
-bootstrap intervals over seeds, and draws the plots.
+The seeds run together, vmapped (and split over the local devices when they divide evenly); all (L, H) points
+of a group share one compiled program. Rows are appended to ``results.csv`` as each is computed; a rerun with
+the same output folder skips what is there. ``mfattn.fits`` then fits ``err = a L^-1 + b L^-alpha H^-gamma``
+and power laws along each axis, with bootstrap intervals over seeds, and draws the plots.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class RatesConfig:
     ascent_steps: int = 2
     ascent_step_size: float = 0.1
     precision: str = "float32"
+    shard_seeds: bool = True  # split the (vmapped) seeds over all local devices when they divide evenly
 
     def validate(self) -> RatesConfig:
         for name in ("dim", "head_dim", "num_tokens", "teacher_depth", "teacher_heads", "depth_ref", "heads_ref",
@@ -361,11 +363,9 @@ def _group_setup(cfg: RatesConfig, group: _Group, dtype):
     return _SETUP_CACHE[key]
 
 
-def _run_unit(cfg: RatesConfig, group: _Group, seed: int, done: set, writer: _Writer, bar, dtype) -> None:
-    """One group and one seed: train the limit, the discrete models and the coupled heads; evaluate."""
-    k_head = cfg.head_dim
-    d, n = group.dim, group.num_tokens
-    task, loss, opt, grid, beta, settings, models = _group_setup(cfg, group, dtype)
+def _init_seed(cfg: RatesConfig, group: _Group, seed: int, task, opt, dtype) -> dict:
+    """Everything one seed starts from (arrays only, so that seeds can be stacked and vmapped)."""
+    k_head, d, n = cfg.head_dim, group.dim, group.num_tokens
     # zlib.crc32, not hash(): Python's str hash changes between processes, and a resumed run must
     # regenerate exactly the same models and data.
     tag = zlib.crc32(repr((group.sweep, n, d, group.optimizer)).encode()) % (2**31)
@@ -377,73 +377,136 @@ def _run_unit(cfg: RatesConfig, group: _Group, seed: int, done: set, writer: _Wr
         lambda *a: jnp.stack(a),
         *[limit.init_ensemble(kk, cfg.grid_size, cfg.particles, d, k_head, **init_kw) for kk in ens_keys],
     )
-    opt_states = jax.vmap(opt.init)(ensembles)
     discrete = tuple(
         init_params(jax.random.fold_in(k_disc, 1000 * L + H), L, H, d, k_head, **init_kw) for L, H in group.points
     )
-    coupled, coupled_opt = discrete, opt.init(discrete)  # coupled heads start at the discrete model's own init
-    disc_opt = tuple(opt.init(p) for p in discrete)
-
     fams = input_families(k_test, cfg.test_per_family, n, d, cfg.radius, dtype)
     train_like = task.sample(jax.random.fold_in(k_test, 1), cfg.test_per_family).tokens
-    xs = jnp.concatenate([train_like, *fams.values()], axis=0)
-    w0 = jnp.full((n,), 1.0 / n, dtype)
-    lmax = math.lcm(*(L for L, _ in group.points))
+    return {
+        "ensembles": ensembles,
+        "opt_states": jax.vmap(opt.init)(ensembles),
+        "discrete": discrete,
+        "disc_opt": tuple(opt.init(p) for p in discrete),
+        "coupled": discrete,  # the coupled heads start at the discrete model's own initialisation
+        "coupled_opt": opt.init(discrete),
+        "xs": jnp.concatenate([train_like, *fams.values()], axis=0),
+        "data_key": jax.random.key_data(k_data),
+    }
 
+
+@eqx.filter_jit
+def _train_step_seeds(state: dict, loss, optimizer, beta, grid, settings, sample, batch_size: int, step):
+    """One training step of every seed (vmapped): the limit, its Monte-Carlo twin, the coupled heads and the
+    discrete model of every sweep point, each seed on its own data stream (shared by its discrete model and
+    its limit)."""
+
+    def one(st):
+        b = sample(jax.random.fold_in(jax.random.wrap_key_data(st["data_key"]), step), batch_size)
+        b = (b.tokens, b.weights, b.targets)
+        ens, opt_states, coupled, coupled_opt = _limit_step(
+            st["ensembles"], st["opt_states"], st["coupled"], st["coupled_opt"], b, loss, optimizer, beta, grid,
+            settings,
+        )  # fmt: skip
+        new = [_discrete_step(p, o, b, loss, optimizer, beta) for p, o in zip(st["discrete"], st["disc_opt"])]
+        return {**st, "ensembles": ens, "opt_states": opt_states, "coupled": coupled, "coupled_opt": coupled_opt,
+                "discrete": tuple(a for a, _ in new), "disc_opt": tuple(o for _, o in new)}  # fmt: skip
+
+    return jax.vmap(one)(state)
+
+
+def _shard_seeds(tree, mesh):
+    """Split the leading (seed) axis of every leaf over the mesh."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))), tree)
+
+
+def _run_group(cfg: RatesConfig, group: _Group, seeds: list, done: set, writer: _Writer, bar, dtype, mesh) -> None:
+    """One group, all its seeds at once (vmapped; the seed axis sharded over ``mesh`` when given)."""
+    task, loss, opt, grid, beta, settings, models = _group_setup(cfg, group, dtype)
+    states = [_init_seed(cfg, group, seed, task, opt, dtype) for seed in seeds]
+    state = jax.tree.map(lambda *a: jnp.stack(a), *states)
+    if mesh is not None:
+        state = _shard_seeds(state, mesh)
+    w0 = jnp.full((group.num_tokens,), 1.0 / group.num_tokens, dtype)
+    lmax = math.lcm(*(L for L, _ in group.points))
     for step in range(cfg.steps + 1):
         if step in _eval_steps(cfg.steps):
-            keys = [_row_key(group.sweep, group.optimizer, L, H, n, d, seed, step) for L, H in group.points]
-            if not all(kk in done for kk in keys):
-                _evaluate(cfg, group, seed, step, models, discrete, coupled, ensembles, xs, w0, lmax, keys, done,
-                          writer)  # fmt: skip
+            keys = [
+                [_row_key(group.sweep, group.optimizer, L, H, group.num_tokens, group.dim, seed, step)
+                 for L, H in group.points]
+                for seed in seeds
+            ]  # fmt: skip
+            if not all(kk in done for row in keys for kk in row):
+                _evaluate(cfg, group, seeds, step, models, state, w0, lmax, keys, done, writer)
         if bar is not None:
-            bar.update(1)
+            bar.update(len(seeds))
         if step == cfg.steps:
             break
-        batch = tuple(task.sample(jax.random.fold_in(k_data, step), cfg.batch_size))
-        ensembles, opt_states, coupled, coupled_opt = _limit_step(
-            ensembles, opt_states, coupled, coupled_opt, batch, loss, opt, beta, grid, settings
-        )
-        new = [_discrete_step(p, s, batch, loss, opt, beta) for p, s in zip(discrete, disc_opt)]
-        discrete, disc_opt = tuple(a for a, _ in new), tuple(b for _, b in new)
+        state = _train_step_seeds(state, loss, opt, beta, grid, settings, task.sample, cfg.batch_size,
+                                  jnp.asarray(step))  # fmt: skip
 
 
-def _evaluate(cfg, group, seed, step, models, discrete, coupled, ensembles, xs, w0, lmax, keys, done, writer):
-    """Errors of every sweep point of a group at one training step; one CSV row per point."""
+@eqx.filter_jit
+def _errs_seeds(models, discrete, ensembles, xs, w, lmax: int):
+    return jax.vmap(lambda d, e, x: _errs(models, d, e, x, w, lmax))(discrete, ensembles, xs)
+
+
+@eqx.filter_jit
+def _point_errs_and_grads_seeds(models, discrete, ens_a, xs, w, idx, lmax: int):
+    return jax.vmap(lambda d, e, x: _point_errs_and_grads(models, d, e, x, w, idx, lmax))(discrete, ens_a, xs)
+
+
+def _evaluate(cfg, group, seeds, step, models, state, w0, lmax, keys, done, writer):
+    """Errors of every sweep point and seed of a group at one training step; one CSV row per point and seed."""
     t0 = time.perf_counter()
-    ens_a = jax.tree.map(lambda a: a[0], ensembles)
-    errs, mc = _errs(models, discrete, ensembles, xs, w0, lmax)  # (C, P), (C,)
-    mc_err = float(jnp.mean(mc))
-    num_points = len(group.points)
-    test_set = jnp.max(errs, axis=0)
-    ascent = jnp.full((num_points,), -jnp.inf)
-    starts = min(cfg.ascent_starts, xs.shape[0])
+    discrete, ensembles, xs = state["discrete"], state["ensembles"], state["xs"]
+    ens_a = jax.tree.map(lambda a: a[:, 0], ensembles)
+    errs, mc = _errs_seeds(models, discrete, ensembles, xs, w0, lmax)  # (S, C, P), (S, C)
+    num_seeds, num_cand, num_points = errs.shape
+    mc_err = jnp.mean(mc, axis=1)
+    test_set = jnp.max(errs, axis=1)  # (S, P)
+    ascent = jnp.full((num_seeds, num_points), -jnp.inf)
+    starts = min(cfg.ascent_starts, num_cand)
     if starts > 0 and cfg.ascent_steps > 0:
-        order = jnp.argsort(-errs, axis=0)[:starts]  # (S, P): worst candidates of each point
-        rows = order.T.reshape(-1)  # point-major
+        order = jnp.argsort(-errs, axis=1)[:, :starts]  # (S, starts, P): worst candidates of each point
+        rows = jnp.swapaxes(order, 1, 2).reshape(num_seeds, -1)  # (S, P * starts), point-major
         idx = jnp.repeat(jnp.arange(num_points), starts)
+        x0 = jax.vmap(lambda x, r: x[r])(xs, rows)  # (S, Q, N, d)
+        q = x0.shape[1]
+
+        def value_and_grad(z):  # flattened (S * Q, N, d), each seed against its own models
+            v, g = _point_errs_and_grads_seeds(models, discrete, ens_a, z.reshape(num_seeds, q, *z.shape[1:]), w0,
+                                               idx, lmax)  # fmt: skip
+            return v.reshape(-1), g.reshape(z.shape)
+
         best, _ = projected_ascent(
-            lambda z: _point_errs_and_grads(models, discrete, ens_a, z, w0, idx, lmax),
-            xs[rows], radius=cfg.radius, steps=cfg.ascent_steps, step_size=cfg.ascent_step_size,
+            value_and_grad, x0.reshape(-1, *x0.shape[2:]), radius=cfg.radius, steps=cfg.ascent_steps,
+            step_size=cfg.ascent_step_size,
         )  # fmt: skip
-        ascent = jnp.max(best.reshape(num_points, starts), axis=1)
-    wall = (time.perf_counter() - t0) / num_points
-    for p, ((L, H), params, theta_bar, kk) in enumerate(zip(group.points, discrete, coupled, keys)):
-        if kk in done:
-            continue
-        pointwise = float(jnp.mean(errs[:, p]))
-        ts_val, as_val = float(test_set[p]), float(ascent[p])
-        writer.write({
-            "sweep": group.sweep, "optimizer": group.optimizer, "depth": L, "heads": H,
-            "num_tokens": group.num_tokens, "dim": group.dim, "seed": seed, "step": step,
-            "pointwise_err": f"{pointwise:.6e}", "uniform_err": f"{max(ts_val, as_val):.6e}",
-            "uniform_test_set": f"{ts_val:.6e}", "uniform_ascent": f"{as_val:.6e}",
-            "uniform_source": "ascent" if as_val > ts_val else "test_set",
-            "param_gap": f"{float(_param_gap(params, theta_bar)):.6e}",
-            "mc_err": f"{mc_err:.6e}", "mc_flag": int(cfg.mc_check and mc_err > 0.2 * pointwise),
-            "wall_s": f"{wall:.3f}",
-        })  # fmt: skip
-        done.add(kk)
+        ascent = jnp.max(best.reshape(num_seeds, num_points, starts), axis=2)
+    gaps = [np.asarray(jax.vmap(_param_gap)(p, c)) for p, c in zip(discrete, state["coupled"])]  # each (S,)
+    wall = (time.perf_counter() - t0) / (num_points * num_seeds)
+    errs, mc_err, test_set, ascent = (np.asarray(a) for a in (errs, mc_err, test_set, ascent))
+    for si, seed in enumerate(seeds):
+        for p, (L, H) in enumerate(group.points):
+            kk = keys[si][p]
+            if kk in done:
+                continue
+            pointwise = float(np.mean(errs[si, :, p]))
+            ts_val, as_val = float(test_set[si, p]), float(ascent[si, p])
+            mc_v = float(mc_err[si])
+            writer.write({
+                "sweep": group.sweep, "optimizer": group.optimizer, "depth": L, "heads": H,
+                "num_tokens": group.num_tokens, "dim": group.dim, "seed": seed, "step": step,
+                "pointwise_err": f"{pointwise:.6e}", "uniform_err": f"{max(ts_val, as_val):.6e}",
+                "uniform_test_set": f"{ts_val:.6e}", "uniform_ascent": f"{as_val:.6e}",
+                "uniform_source": "ascent" if as_val > ts_val else "test_set",
+                "param_gap": f"{float(gaps[p][si]):.6e}",
+                "mc_err": f"{mc_v:.6e}", "mc_flag": int(cfg.mc_check and mc_v > 0.2 * pointwise),
+                "wall_s": f"{wall:.3f}",
+            })  # fmt: skip
+            done.add(kk)
 
 
 def run(cfg: RatesConfig, out_dir: str, *, progress: bool = True) -> dict:
@@ -471,26 +534,32 @@ def run(cfg: RatesConfig, out_dir: str, *, progress: bool = True) -> dict:
             json.dump(cfg_dict, f, indent=2)
     done = _read_done(csv_path)
     groups = _groups(cfg)
-    units = [(g, s) for g in groups for s in range(cfg.seeds)]
+    seeds = list(range(cfg.seeds))
+    mesh = None
+    if cfg.shard_seeds and len(jax.devices()) > 1 and cfg.seeds % len(jax.devices()) == 0:
+        from .sharding import make_mesh
+
+        mesh = make_mesh()
     t0 = time.perf_counter()
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(units) * (cfg.steps + 1), desc="rates", unit="step")
+        bar = tqdm(total=len(groups) * cfg.seeds * (cfg.steps + 1), desc="rates", unit="step")
     writer = _Writer(csv_path)
     try:
-        for group, seed in units:
+        for group in groups:
             keys = [
                 _row_key(group.sweep, group.optimizer, L, H, group.num_tokens, group.dim, seed, st)
+                for seed in seeds
                 for L, H in group.points
                 for st in _eval_steps(cfg.steps)
             ]
             if all(k in done for k in keys):
                 if bar is not None:
-                    bar.update(cfg.steps + 1)
+                    bar.update(cfg.seeds * (cfg.steps + 1))
                 continue
-            _run_unit(cfg, group, seed, done, writer, bar, dtype)
+            _run_group(cfg, group, seeds, done, writer, bar, dtype, mesh)
     finally:
         writer.close()
         if bar is not None:

@@ -28,3 +28,12 @@ def test_uneven_split_is_rejected(no_jaxtyping):
     fake = type("M", (), {"devices": np.zeros(4), "axis_names": ("devices",)})()
     with pytest.raises(ValueError, match="cannot be split evenly over 4 devices"):
         sharding.shard_batch(np.zeros((3, 2)), fake)
+
+
+def test_rates_with_seeds_sharded_equals_single_device():
+    script = pathlib.Path(__file__).with_name("_sharded_rates.py")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][0]
+    assert float(line.split()[1]) <= 1e-12, line
