@@ -257,7 +257,8 @@ def _solve(ensemble, tokens, weights, beta, radius, grid, interpolation, s, save
     return _forward_solution(ensemble, tokens, weights, beta, radius, grid, interpolation, s, saveat)
 
 
-def _backward_solve(ensemble, xsol, terminal, weights, beta, radius, grid, interpolation, s: _Solve, ts_desc):
+def _backward_solution(ensemble, xsol, terminal, weights, beta, radius, grid, interpolation, s: _Solve, saveat):
+    """The adjoint ODE from ``t_K`` back to ``t_0``, reading ``x(t)`` from the dense forward solution ``xsol``."""
     return diffrax.diffeqsolve(
         diffrax.ODETerm(_backward_vf),
         s.solver,
@@ -266,10 +267,10 @@ def _backward_solve(ensemble, xsol, terminal, weights, beta, radius, grid, inter
         dt0=None if s.dt0 is None else -s.dt0,
         y0=terminal,
         args=(ensemble, weights, beta, radius, grid, interpolation, xsol),
-        saveat=diffrax.SaveAt(ts=ts_desc),
+        saveat=saveat,
         stepsize_controller=s.controller(grid, interpolation),
         max_steps=s.max_steps,
-    ).ys
+    )
 
 
 @eqx.filter_jit
@@ -280,7 +281,8 @@ def _forward_backward(ensemble, tokens, weights, targets, loss, beta, radius, gr
     xs, x1 = xsol.ys[:-1], xsol.ys[-1]
     value = loss(x1, weights, targets)
     terminal = loss.lions(x1, weights, targets)
-    ps = _backward_solve(ensemble, xsol, terminal, weights, beta, radius, grid, interpolation, s, ts[::-1])[::-1]
+    saveat = diffrax.SaveAt(ts=ts[::-1])  # decreasing: the solve runs backwards in time
+    ps = _backward_solution(ensemble, xsol, terminal, weights, beta, radius, grid, interpolation, s, saveat).ys[::-1]
     return value, xs, ps
 
 
@@ -425,17 +427,17 @@ def _dense_forward_backward(ensemble, tokens, weights, targets, loss, beta, radi
         ensemble, tokens, weights, beta, radius, grid, interpolation, s, diffrax.SaveAt(t1=True, dense=True)
     )
     x1 = xsol.ys[-1]
-    psol = diffrax.diffeqsolve(
-        diffrax.ODETerm(_backward_vf),
-        s.solver,
-        t0=grid[-1],
-        t1=grid[0],
-        dt0=None if s.dt0 is None else -s.dt0,
-        y0=loss.lions(x1, weights, targets),
-        args=(ensemble, weights, beta, radius, grid, interpolation, xsol),
-        saveat=diffrax.SaveAt(t1=True, dense=True),
-        stepsize_controller=s.controller(grid, interpolation),
-        max_steps=s.max_steps,
+    psol = _backward_solution(
+        ensemble,
+        xsol,
+        loss.lions(x1, weights, targets),
+        weights,
+        beta,
+        radius,
+        grid,
+        interpolation,
+        s,
+        diffrax.SaveAt(t1=True, dense=True),
     )
     return loss(x1, weights, targets), xsol, psol
 

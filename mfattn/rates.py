@@ -267,16 +267,21 @@ class _Models(eqx.Module):
         ps = _adjoint(params, traj, self.task.loss.lions(traj[-1], w, y), w, self.beta, None)
         return traj, ps
 
-    def errs(self, discrete, ens, x, w, lmax: int):
-        """``err(x)`` of every sweep point (a tuple of discrete models) against one limit solve: ``(P,)``."""
-        y = self.teacher(x, w)
-        xl, pl = self.limit_traj(ens, x, w, y, lmax)
+    def point_errs(self, discrete, x, w, y, xl, pl, lmax: int):
+        """``err(x)`` of every sweep point (a tuple of discrete models) against the limit's tokens and adjoints
+        ``xl, pl`` at ``t = l / lmax``: ``(P,)``."""
         out = []
         for params in discrete:
             stride = lmax // params.depth
             xd, pd = self.discrete_traj(params, x, w, y)
             out.append(discrepancy(xd, pd, xl[::stride], pl[::stride], w))
         return jnp.stack(out)
+
+    def errs(self, discrete, ens, x, w, lmax: int):
+        """``err(x)`` of every sweep point against one limit solve: ``(P,)``."""
+        y = self.teacher(x, w)
+        xl, pl = self.limit_traj(ens, x, w, y, lmax)
+        return self.point_errs(discrete, x, w, y, xl, pl, lmax)
 
 
 @eqx.filter_jit
@@ -292,17 +297,13 @@ def _errs(models: _Models, discrete, ensembles, xs, w, lmax: int):
     def one(x):
         y = models.teacher(x, w)
         xl, pl = models.limit_traj(ens_a, x, w, y, lmax)
-        out = []
-        for params in discrete:
-            stride = lmax // params.depth
-            xd, pd = models.discrete_traj(params, x, w, y)
-            out.append(discrepancy(xd, pd, xl[::stride], pl[::stride], w))
+        errs = models.point_errs(discrete, x, w, y, xl, pl, lmax)
         if ensembles.wq.shape[0] > 1:
             xb, pb = models.limit_traj(jax.tree.map(lambda a: a[1], ensembles), x, w, y, lmax)
             mc = discrepancy(xl, pl, xb, pb, w) / jnp.sqrt(2.0)
         else:
             mc = jnp.full((), jnp.nan, xl.dtype)
-        return jnp.stack(out), mc
+        return errs, mc
 
     return jax.vmap(one)(xs)
 
