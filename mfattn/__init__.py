@@ -8,6 +8,8 @@ The public API is small and functional:
   its hand-derived backward pass;
 * :func:`velocity`, :func:`adjoint_field`, :func:`grad_map` -- the three kernels ``F``, ``G``, ``g``
   shared by the discrete model and the mean-field limit;
+* :class:`Attention` -- the kernel (softmax, unnormalised, L2, sigmoid, Sinkhorn; causal masking), the
+  normalised residual and the depth and logit scalings, accepted as ``attention=`` by every entry point;
 * :mod:`mfattn.losses` -- losses with their Lions derivatives;
 * :mod:`mfattn.optim` -- AdamW and blockwise AdamW as Optax transforms, the optimizer flow map;
 * :mod:`mfattn.tasks` -- bounded data tasks (teacher-student, denoising, in-context regression);
@@ -26,6 +28,7 @@ from . import tasks as tasks
 from . import train as train
 from .adjoint import adjoint_field as adjoint_field
 from .adjoint import grad_map as grad_map
+from .attention import Attention as Attention
 from .attention import attention as attention
 from .attention import velocity as velocity
 from .params import Params as Params
@@ -35,6 +38,9 @@ from .particles import (
 )
 from .particles import (
     forward as forward,
+)
+from .particles import (
+    grad_scale as grad_scale,
 )
 from .particles import (
     loss_and_grad as loss_and_grad,
@@ -47,6 +53,7 @@ from .particles import (
 )
 
 __all__ = [
+    "Attention",
     "Params",
     "init_params",
     "forward",
@@ -54,6 +61,7 @@ __all__ = [
     "param_grad",
     "loss_and_grad",
     "value_and_grad_map",
+    "grad_scale",
     "attention",
     "velocity",
     "adjoint_field",

@@ -34,22 +34,38 @@ materialised ``N x N`` arrays, the same matrix-product count as ``jax.vjp`` of t
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float
 
-from .attention import project_ball, project_ball_vjp
+from .attention import (
+    Attention,
+    _causal_mask,
+    _exp_cap,
+    _scores,
+    as_attention,
+    project_ball,
+    project_ball_vjp,
+    velocity,
+)
 
 __all__ = ["adjoint_field", "grad_map", "adjoint_field_and_grad_map"]
 
 
-def _head_backward(wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, *, field, grad):
+def _head_backward(spec, wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, *, field, grad):
     """One head's contribution to ``G`` (term1, term2 before ``DPi_R``) and its gradient map.
 
     Only two ``N x N`` arrays are formed besides the two score matrices: the kernel ``u`` and ``u * dev``;
-    every product with the softmax weights ``W = diag(1/z) u diag(m)`` moves the diagonal scalings onto
-    the ``(N, k)`` operands.
+    every product with the weights ``W = diag(r) u diag(m)`` (``r = 1/z`` when normalised, else 1) moves
+    the diagonal scalings onto the ``(N, k)`` operands.
+
+    In general ``w_ij = m_j phi(s_ij) r_i``; with ``e_ij = <a_i, W_V^T x_j>`` the derivative of
+    ``sum_j w_ij e_ij`` in ``s_ij`` is ``m_j ud_ij r_i`` with ``ud = u * (e - ebar)`` for the normalised
+    exponential kernels, ``u * e`` for the unnormalised one and ``sigma'(s + b) * e`` for the sigmoid.
+    For ``"l2"`` the score also depends on the key through ``-beta |K_j|^2 / 2``, which adds
+    ``-beta (ud^T (m r))_j K_j`` to the key term.
     """
     live = weights > 0
     live_rows = live[:, None]
@@ -57,55 +73,74 @@ def _head_backward(wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, *, fie
     q = tokens @ wq
     kk = keys @ wk
     v = keys @ wv
-    s = beta * (q @ kk.T)
-    # Shift by the largest score over live keys: u <= 1 on live keys and z_i >= the top key's mass. A
-    # padding key may score far higher; its exponent is clamped so that u stays finite (this can only
-    # saturate the Lions derivative *at* such a zero-weight token, never touch a live one).
-    top = jnp.max(jnp.where(live[None, :], s, -jnp.inf), axis=-1, keepdims=True)
-    u = jnp.exp(jnp.minimum(s - top, _exp_cap(s.dtype)))  # (N, N): U_ij = u_ij / z_i
-    z = u @ m  # (N, 1)
-    rz = 1 / z
+    s = _scores(spec, q, kk, beta)
+    causal = _causal_mask(*s.shape) if spec.causal else None
+    if spec.normalized:
+        # Shift by the largest score over live (allowed) keys: u <= 1 on live keys and z_i >= the top
+        # key's mass. A padding key may score far higher; its exponent is clamped so that u stays finite
+        # (this can only saturate the Lions derivative *at* such a zero-weight token, never touch a live one).
+        allowed = live[None, :] if causal is None else live[None, :] & causal
+        top = jnp.max(jnp.where(allowed, s, -jnp.inf), axis=-1, keepdims=True)
+        top = jnp.where(jnp.isfinite(top), top, 0)
+        u = jnp.exp(jnp.minimum(s - top, _exp_cap(s.dtype)))  # (N, N): U_ij = u_ij / z_i
+    elif spec.kind == "unnormalized":
+        u = jnp.exp(jnp.where(live[None, :], s, jnp.minimum(s, _exp_cap(s.dtype))))
+    else:  # sigmoid
+        u = jax.nn.sigmoid(s + spec.bias)
+    if causal is not None:
+        u = jnp.where(causal, u, 0)
+    if spec.normalized:
+        z = u @ m  # (N, 1); 0 only for a zero-weight token with an empty (causal) prefix
+        rz = jnp.where(z > 0, 1 / jnp.where(z > 0, z, 1), 0)
+    else:
+        rz = jnp.ones_like(m)
     vbar = (u @ (m * v)) * rz  # (N, k): W_V^T ybar_i
     a = adjoints @ wo  # (N, k): a_i = W_O^T p_i
     e = a @ v.T  # (N, N): <a_i, W_V^T x_j>
-    # dev_ij = e_ij - ebar_i by one step of iterative refinement: centre at c_i = <a_i, vbar_i>, then
-    # subtract sum_l w_il (e_il - c_i). When the softmax is nearly one-hot (large beta) the plain
-    # e - ebar cancels catastrophically; the correction is a sum of small, accurate terms.
-    shifted = e - jnp.sum(a * vbar, axis=-1, keepdims=True)
-    dev = shifted - ((u * shifted) @ m) * rz
-    ud = u * dev
+    if spec.normalized:
+        # dev_ij = e_ij - ebar_i by one step of iterative refinement: centre at c_i = <a_i, vbar_i>, then
+        # subtract sum_l w_il (e_il - c_i). When the softmax is nearly one-hot (large beta) the plain
+        # e - ebar cancels catastrophically; the correction is a sum of small, accurate terms.
+        shifted = e - jnp.sum(a * vbar, axis=-1, keepdims=True)
+        ud = u * (shifted - ((u * shifted) @ m) * rz)
+    elif spec.kind == "unnormalized":
+        ud = u * e
+    else:
+        ud = (u * (1 - u)) * e  # zero where masked, as u is
     delta_k = (ud @ (m * kk)) * rz  # (N, k): sum_j delta_ij W_K^T x_j
-    # Transposed (Lions) products sum over query rows i with mass m_i / z_i; dead rows are masked with
+    # Transposed (Lions) products sum over query rows i with mass m_i r_i; dead rows are masked with
     # where (not multiplied by 0), so a non-finite adjoint at a padding token cannot leak.
     ma = jnp.where(live_rows, m * a, 0) * rz
     mq = jnp.where(live_rows, m * q, 0) * rz
     ut_ma = u.T @ ma  # (N, k): [U^T (m a)]
-    udt_mq = jnp.where(live_rows, ud, 0).T @ mq  # (N, k): [(U * D)^T (m Q)]
+    udl = jnp.where(live_rows, ud, 0)
+    key_term = udl.T @ mq  # (N, k): [(U * D)^T (m Q)], the score's derivative in the key
+    if spec.kind == "l2":
+        key_term = key_term - (udl.T @ (jnp.where(live_rows, m, 0) * rz)) * kk
     out = {}
     if field:
         out["term1"] = beta * (delta_k @ wq.T)
-        out["term2"] = ut_ma @ wv.T + beta * (udt_mq @ wk.T)
+        out["term2"] = ut_ma @ wv.T + beta * (key_term @ wk.T)
     if grad:
         mp = jnp.where(live_rows, m * adjoints, 0)
         out["grad"] = (
             beta * (tokens.T @ jnp.where(live_rows, m * delta_k, 0)),  # dW_Q
-            beta * (keys.T @ jnp.where(live_rows, m * udt_mq, 0)),  # dW_K
+            beta * (keys.T @ jnp.where(live_rows, m * key_term, 0)),  # dW_K
             keys.T @ jnp.where(live_rows, m * ut_ma, 0),  # dW_V
             mp.T @ vbar,  # dW_O
         )
     return out
 
 
-def _exp_cap(dtype) -> float:
-    """Largest exponent used for a padding key's kernel: ``exp(cap)`` times O(1) values stays finite."""
-    return 0.4 * float(np.log(np.finfo(dtype).max))
-
-
-def _backward(theta, tokens, adjoints, weights, beta, radius, *, field, grad):
+def _backward(theta, tokens, adjoints, weights, beta, radius, *, field, grad, attention=None):
+    spec = as_attention(attention)
+    beta = beta * spec.scale(theta.wq.shape[-1])
+    if spec.kind == "sinkhorn":
+        return _autodiff_backward(spec, theta, tokens, adjoints, weights, beta, radius, field=field, grad=grad)
     keys = project_ball(tokens, radius)
     per_head = jax.vmap(
         lambda wq, wk, wv, wo: _head_backward(
-            wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, field=field, grad=grad
+            spec, wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, field=field, grad=grad
         )
     )(theta.wq, theta.wk, theta.wv, theta.wo)
     g_field = None
@@ -116,6 +151,47 @@ def _backward(theta, tokens, adjoints, weights, beta, radius, *, field, grad):
     if grad:
         dq, dk, dv, do = per_head["grad"]
         g_map = _like(theta, dq, dk, dv, do)
+    return g_field, g_map
+
+
+def _autodiff_backward(spec, theta, tokens, adjoints, weights, beta, radius, *, field, grad):
+    """``G`` and ``g`` by autodiff of one layer's velocity, for kernels without a closed-form backward.
+
+    * ``J(x_i)^T p_i``: ``jax.vjp`` in the queries (held apart from the atoms of ``mu``) with cotangent ``p``;
+    * the Lions term at a live atom: ``(1/m_i) d/dx_i sum_j m_j <p_j, F(mu, x_j)>`` by ``jax.vjp`` in the
+      atoms, queries held fixed; at a zero-weight atom the ``1/m_i`` limit is the mixed derivative
+      ``d/dx_i d/dm_i`` of the same sum (forward mode in the masses, then reverse mode in the atoms),
+      which the kernels support because they are differentiable in ``m`` at ``m_i = 0``;
+    * ``g``: ``P`` times ``jax.vjp`` in the heads with cotangent ``m p`` (``F`` averages over heads).
+
+    ``beta`` already includes the logit scale.
+    """
+    live = weights > 0
+    live_rows = live[:, None]
+    mp = jnp.where(live_rows, weights[:, None] * adjoints, 0)
+    unscaled = dataclasses.replace(spec, logit_scale=None)
+
+    def vel(th, xq, xk, mk):
+        return velocity(th, xq, xk, mk, beta=beta, radius=radius, attention=unscaled)
+
+    g_field = g_map = None
+    if field:
+        _, vjp_q = jax.vjp(lambda xq: vel(theta, xq, tokens, weights), tokens)
+        jt_p = vjp_q(adjoints)[0]
+        _, vjp_k = jax.vjp(lambda xk: vel(theta, tokens, xk, weights), tokens)
+        lions_live = vjp_k(mp)[0] / jnp.where(live_rows, weights[:, None], 1)
+
+        def first_variation(xk):
+            dead = jnp.where(live, 0, 1).astype(weights.dtype)
+            return jax.jvp(lambda mk: jnp.sum(mp * vel(theta, tokens, xk, mk)), (weights,), (dead,))[1]
+
+        lions_dead = jax.grad(first_variation)(tokens)
+        g_field = jt_p + jnp.where(live_rows, lions_live, lions_dead)
+    if grad:
+        _, vjp_t = jax.vjp(lambda th: vel(th, tokens, tokens, weights), theta)
+        heads = theta.wq.shape[0]
+        g = vjp_t(mp)[0]
+        g_map = _like(theta, *(heads * x for x in (g.wq, g.wk, g.wv, g.wo)))
     return g_field, g_map
 
 
@@ -134,6 +210,7 @@ def adjoint_field(
     *,
     beta,
     radius=None,
+    attention: Attention | str | None = None,
 ) -> Float[Array, "N d"]:
     """The adjoint field ``G(pi, x_i, p_i; nu)`` at every token (SPEC section 4).
 
@@ -144,12 +221,15 @@ def adjoint_field(
         weights: ``(N,)`` token masses.
         beta: inverse temperature.
         radius: optional projection radius ``R``.
+        attention: the kernel (:class:`~mfattn.Attention` or a kind string; default softmax). Closed-form
+            backward for every kind but ``"sinkhorn"``, whose ``G`` and ``g`` come from autodiff of the
+            layer's velocity (through the unrolled Sinkhorn iterations).
 
     Returns:
         ``(N, d)``: ``(1/P) sum_h [J_h(x_i)^T p_i + sum_j m_j (d_mu Gamma_h(x_j)(x_i))^T p_j]``. The
         discrete backward step is ``p^l = p^{l+1} + G / L``; the limit's is ``dp/dt = -G``.
     """
-    return _backward(theta, tokens, adjoints, weights, beta, radius, field=True, grad=False)[0]
+    return _backward(theta, tokens, adjoints, weights, beta, radius, field=True, grad=False, attention=attention)[0]
 
 
 def grad_map(
@@ -160,6 +240,7 @@ def grad_map(
     *,
     beta,
     radius=None,
+    attention: Attention | str | None = None,
 ):
     """The rescaled gradient map ``g(theta_h, pi) = sum_i m_i grad_theta Gamma(mu, x_i, theta_h)^T p_i``
     for every head (particle) ``h`` of one layer (SPEC eq. 20).
@@ -167,7 +248,7 @@ def grad_map(
     Returns a pytree like ``theta`` (leaves ``(P, d, k)``). The true gradient of the loss with respect
     to head ``h`` of layer ``l`` in an ``L``-layer, ``H``-head model is ``g / (L H)``.
     """
-    return _backward(theta, tokens, adjoints, weights, beta, radius, field=False, grad=True)[1]
+    return _backward(theta, tokens, adjoints, weights, beta, radius, field=False, grad=True, attention=attention)[1]
 
 
 def adjoint_field_and_grad_map(
@@ -178,6 +259,7 @@ def adjoint_field_and_grad_map(
     *,
     beta,
     radius=None,
+    attention: Attention | str | None = None,
 ):
     """``(adjoint_field(...), grad_map(...))`` sharing one evaluation of the attention weights."""
-    return _backward(theta, tokens, adjoints, weights, beta, radius, field=True, grad=True)
+    return _backward(theta, tokens, adjoints, weights, beta, radius, field=True, grad=True, attention=attention)

@@ -21,11 +21,24 @@ and have no batch axis: batch with ``jax.vmap``.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Literal, NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
-__all__ = ["attention", "velocity", "project_ball", "project_ball_vjp", "log_weights"]
+__all__ = [
+    "Attention",
+    "as_attention",
+    "attention",
+    "velocity",
+    "project_ball",
+    "project_ball_vjp",
+    "log_weights",
+    "sinkhorn_potentials",
+]
 
 
 def log_weights(weights: Float[Array, " N"]) -> Float[Array, " N"]:
@@ -56,13 +69,198 @@ def project_ball_vjp(tokens: Float[Array, "N d"], cotangent: Float[Array, "N d"]
     return jnp.where(outside, (radius / safe) * (cotangent - u * radial), cotangent)
 
 
-def _head_forward(wq, wk, wv, wo, queries, keys, logm, beta):
-    """One head, all queries: ``(Nq, d)``. Work ``O(Nq N k)``."""
+Kind = Literal["softmax", "unnormalized", "l2", "sigmoid", "sinkhorn"]
+KINDS = ("softmax", "unnormalized", "l2", "sigmoid", "sinkhorn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Attention:
+    """Which attention, normalisation and scalings a model uses (hashable: a static argument under jit).
+
+    Every variant is written in the weighted-measure form, for a query ``x``, atoms ``x_j`` of masses
+    ``m_j`` and scores ``s_j = beta_eff <W_Q^T x, W_K^T x_j>`` (``beta_eff = beta * logit scale``)::
+
+        "softmax"       w_j = m_j e^{s_j} / sum_l m_l e^{s_l}                         (the default)
+        "unnormalized"  w_j = m_j e^{s_j}                                   (no normalising sum)
+        "l2"            s_j = -beta_eff |W_Q^T x - W_K^T x_j|^2 / 2, then softmax
+        "sigmoid"       w_j = m_j sigma(s_j + bias)
+        "sinkhorn"      w_j = m_j e^{s_j + g_j} / sum_l m_l e^{s_l + g_l}: softmax with the key potentials
+                        g of the entropic self-transport of mu (Sander et al.'s doubly stochastic weights,
+                        ``sinkhorn_iters`` log-domain Sinkhorn iterations from g = 0; one iteration
+                        is the softmax)
+
+    and ``Gamma(mu, x, theta) = W_O W_V^T sum_j w_j x_j``.
+
+    Attributes:
+        kind: one of the kernels above.
+        causal: token ``j`` influences token ``i`` only if ``j <= i`` (queries are the tokens, in order).
+            With every kind but ``"sinkhorn"``. A zero-weight token whose prefix holds no mass gets
+            velocity 0 (its normalising sum is empty).
+        bias: the sigmoid's bias ``b`` (``"sigmoid"`` only).
+        logit_scale: ``None`` (1), ``"1/k"``, ``"1/sqrt(k)"`` (Bordelon et al.'s scalings, ``k`` the head
+            dimension) or a positive number; multiplies ``beta``.
+        residual: ``"euler"`` -- ``x^{l+1} = x^l + L^-alpha F`` (the paper's residual stream);
+            ``"sphere"`` -- the normalised residual ``x^{l+1} = (x^l + L^-alpha F) / |x^l + L^-alpha F|``
+            that keeps tokens on the unit sphere (Geshkovski et al.); its limit is
+            ``dx/dt = F - <x, F> x``. Inputs should then lie on the unit sphere.
+        depth_exponent: ``alpha`` of the residual step ``L^-alpha`` (1: the paper's mean-field scaling and
+            the only one with a depth limit; 1/2: the other regime).
+        sinkhorn_iters: number of Sinkhorn iterations (``"sinkhorn"`` only).
+
+    Pass an ``Attention`` (or just the kind as a string) as ``attention=`` to any entry point::
+
+        mfattn.forward(params, x, beta=1.0, attention="sigmoid")
+        mfattn.forward(params, x, beta=1.0, attention=mfattn.Attention("l2", causal=True))
+    """
+
+    kind: Kind = "softmax"
+    causal: bool = False
+    bias: float = 0.0
+    logit_scale: str | float | None = None
+    residual: Literal["euler", "sphere"] = "euler"
+    depth_exponent: float = 1.0
+    sinkhorn_iters: int = 20
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Attention: kind must be one of {KINDS}, got {self.kind!r}.")
+        if self.causal and self.kind == "sinkhorn":
+            raise ValueError("Attention: causal masking is not defined for doubly stochastic (sinkhorn) weights.")
+        if self.bias != 0 and self.kind != "sigmoid":
+            raise ValueError(f"Attention: bias applies to 'sigmoid' only, got kind {self.kind!r}.")
+        if not np.isfinite(self.bias):
+            raise ValueError(f"Attention: bias must be finite, got {self.bias!r}.")
+        ls = self.logit_scale
+        if not (
+            ls is None or ls in ("1/k", "1/sqrt(k)") or (isinstance(ls, (int, float)) and np.isfinite(ls) and ls > 0)
+        ):
+            raise ValueError(
+                f"Attention: logit_scale must be None, '1/k', '1/sqrt(k)' or a positive number, got {ls!r}."
+            )
+        if self.residual not in ("euler", "sphere"):
+            raise ValueError(f"Attention: residual must be 'euler' or 'sphere', got {self.residual!r}.")
+        if not (np.isfinite(self.depth_exponent) and self.depth_exponent > 0):
+            raise ValueError(f"Attention: depth_exponent must be > 0, got {self.depth_exponent!r}.")
+        if not (isinstance(self.sinkhorn_iters, int) and self.sinkhorn_iters >= 1):
+            raise ValueError(f"Attention: sinkhorn_iters must be a positive integer, got {self.sinkhorn_iters!r}.")
+
+    @property
+    def normalized(self) -> bool:
+        """Whether the weights are divided by their sum (softmax-like kinds)."""
+        return self.kind in ("softmax", "l2", "sinkhorn")
+
+    def scale(self, head_dim: int) -> float:
+        """The logit scale multiplying ``beta`` for head dimension ``k``."""
+        if self.logit_scale is None:
+            return 1.0
+        if self.logit_scale == "1/k":
+            return 1.0 / head_dim
+        if self.logit_scale == "1/sqrt(k)":
+            return 1.0 / float(np.sqrt(head_dim))
+        return float(self.logit_scale)
+
+    def step(self, depth: int) -> float:
+        """The residual step ``L^-alpha``."""
+        return float(depth) ** (-self.depth_exponent)
+
+
+SOFTMAX = Attention()
+
+
+def as_attention(attention) -> Attention:
+    """``None`` -> softmax; a kind string -> ``Attention(kind)``; an :class:`Attention` unchanged."""
+    if attention is None:
+        return SOFTMAX
+    if isinstance(attention, Attention):
+        return attention
+    if isinstance(attention, str):
+        if attention not in KINDS:
+            raise ValueError(f"attention must be one of {KINDS} or an mfattn.Attention, got {attention!r}.")
+        return Attention(kind=attention)
+    raise ValueError(f"attention must be a kind string or an mfattn.Attention, got {type(attention).__name__}.")
+
+
+def _exp_cap(dtype) -> float:
+    """Largest exponent used for a zero-weight key's kernel: ``exp(cap)`` times O(1) values stays finite."""
+    return 0.4 * float(np.log(np.finfo(dtype).max))
+
+
+def _scores(spec: Attention, q, kk, beta):
+    """``(Nq, N)`` scores; for ``"l2"`` the query's own ``-beta |q|^2 / 2`` is dropped (it cancels in the
+    normalisation)."""
+    s = beta * (q @ kk.T)
+    if spec.kind == "l2":
+        s = s - (0.5 * beta) * jnp.sum(kk * kk, axis=-1)[None, :]
+    return s
+
+
+def _causal_mask(nq: int, n: int):
+    if nq != n:
+        raise ValueError(f"causal attention needs the queries to be the tokens (Nq = N), got Nq = {nq}, N = {n}.")
+    return jnp.tril(jnp.ones((n, n), bool))
+
+
+def _lse(a, weights, live, axis):
+    """``log sum_j m_j e^{a_j}`` along ``axis``, differentiable in ``m`` also at ``m_j = 0`` (the shift is
+    the max over live entries, with its derivative stopped; dead entries' exponents are capped)."""
+    expand = (lambda x: x[None, :]) if axis == -1 else (lambda x: x[:, None])
+    top = jnp.max(jnp.where(expand(live), a, -jnp.inf), axis=axis, keepdims=True)
+    top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0))
+    e = jnp.exp(jnp.minimum(a - top, _exp_cap(a.dtype)))
+    return jnp.log(jnp.sum(expand(weights) * e, axis=axis, keepdims=True)) + top
+
+
+def sinkhorn_potentials(q_tok, kk, weights, beta, spec: Attention):
+    """Key potentials ``g`` (``(N,)``) of the entropic self-transport of ``mu``: alternate
+    ``f_i = -log sum_j m_j e^{s_ij + g_j}`` and ``g_j = -log sum_i m_i e^{s_ij + f_i}`` from ``g = 0``,
+    ``spec.sinkhorn_iters`` times. The weights ``m_j e^{s_ij + f_i + g_j}`` are then doubly stochastic
+    for ``mu`` up to the last update."""
+    live = weights > 0
+    s = _scores(spec, q_tok, kk, beta)
+
+    def body(_, g):
+        f = -_lse(s + g[None, :], weights, live, axis=-1)  # (N, 1)
+        return -_lse(s + f, weights, live, axis=0)[0]  # (N,)
+
+    return jax.lax.fori_loop(0, spec.sinkhorn_iters, body, jnp.zeros(kk.shape[0], s.dtype))
+
+
+def _head_weights(spec: Attention, q, kk, weights, beta, key_bias=None):
+    """The attention weights ``w_ij`` (``(Nq, N)``) of one head, rows summing to 1 when normalised."""
+    live = weights > 0
+    s = _scores(spec, q, kk, beta)
+    if key_bias is not None:
+        s = s + key_bias[None, :]
+    if spec.kind == "sinkhorn":
+        # w_ij = m_j e^{s_ij + g_j + f_i}, written to stay differentiable in m at m_j = 0 (the
+        # autodiff backward's Lions derivative at a zero-weight atom takes d/dm there).
+        f = -_lse(s, weights, live, axis=-1)
+        return weights[None, :] * jnp.exp(jnp.minimum(s + f, _exp_cap(s.dtype)))
+    allowed = jnp.broadcast_to(live[None, :], s.shape)
+    if spec.causal:
+        allowed = allowed & _causal_mask(*s.shape)
+    if spec.normalized:
+        if not spec.causal:  # the common path: one fused softmax of s + log m
+            return jax.nn.softmax(s + log_weights(weights)[None, :], axis=-1)
+        top = jnp.max(jnp.where(allowed, s, -jnp.inf), axis=-1, keepdims=True)
+        top = jnp.where(jnp.isfinite(top), top, 0)
+        e = jnp.where(allowed, weights[None, :] * jnp.exp(jnp.where(allowed, s - top, -jnp.inf)), 0)
+        z = jnp.sum(e, axis=-1, keepdims=True)
+        return e / jnp.where(z > 0, z, 1)
+    if spec.kind == "unnormalized":
+        return jnp.where(allowed, weights[None, :] * jnp.exp(jnp.where(allowed, s, -jnp.inf)), 0)
+    return jnp.where(allowed, weights[None, :] * jax.nn.sigmoid(s + spec.bias), 0)  # sigmoid
+
+
+def _head_forward(spec, wq, wk, wv, wo, queries, tokens, keys, weights, beta):
+    """One head, all queries: ``(Nq, d)``. Work ``O(Nq N k)`` (times the iterations for Sinkhorn)."""
     q = queries @ wq  # (Nq, k)
     kk = keys @ wk  # (N, k)
     v = keys @ wv  # (N, k)
-    scores = beta * (q @ kk.T) + logm[None, :]  # (Nq, N)
-    w = jax.nn.softmax(scores, axis=-1)
+    bias = None
+    if spec.kind == "sinkhorn":
+        bias = sinkhorn_potentials(tokens @ wq, kk, weights, beta, spec)
+    w = _head_weights(spec, q, kk, weights, beta, bias)
     return (w @ v) @ wo.T
 
 
@@ -74,25 +272,29 @@ def velocity(
     *,
     beta,
     radius=None,
+    attention: Attention | str | None = None,
 ) -> Float[Array, "Nq d"]:
     """Multi-head mean-field velocity ``F(mu, x, nu) = (1/P) sum_h Gamma(mu, x, theta_h)``.
 
     Args:
         theta: one layer's parameters (a :class:`~mfattn.Params`-like pytree ``wq, wk, wv, wo`` with
             leaves ``(P, d, k)``): the heads, or the parameter particles of ``nu``.
-        queries: ``(Nq, d)`` points ``x`` at which ``F`` is evaluated.
+        queries: ``(Nq, d)`` points ``x`` at which ``F`` is evaluated (``Nq = N``, the tokens in order,
+            for causal attention).
         tokens: ``(N, d)`` atoms ``x_j`` of ``mu``.
         weights: ``(N,)`` masses ``m_j >= 0`` summing to 1 (not checked here).
         beta: inverse temperature.
         radius: optional ball radius ``R`` of the projection ``Pi_R`` applied to ``mu``.
+        attention: the kernel (:class:`Attention` or a kind string; default softmax).
 
     Returns:
         ``(Nq, d)``. Work ``O(P Nq N k)``, memory ``O(P Nq N)``.
     """
+    spec = as_attention(attention)
     keys = project_ball(tokens, radius)
-    logm = log_weights(weights)
-    heads = jax.vmap(_head_forward, in_axes=(0, 0, 0, 0, None, None, None, None))(
-        theta.wq, theta.wk, theta.wv, theta.wo, queries, keys, logm, beta
+    beta = beta * spec.scale(theta.wq.shape[-1])
+    heads = jax.vmap(_head_forward, in_axes=(None, 0, 0, 0, 0, None, None, None, None, None))(
+        spec, theta.wq, theta.wk, theta.wv, theta.wo, queries, tokens, keys, weights, beta
     )
     return jnp.mean(heads, axis=0)
 
@@ -108,13 +310,25 @@ def attention(
     *,
     beta,
     radius=None,
+    attention: Attention | str | None = None,
 ) -> Float[Array, " d"]:
-    """One head at one query point: ``Gamma(mu, x, theta)`` (SPEC eq. 2-3).
+    """One head at one query point: ``Gamma(mu, x, theta)`` (SPEC eq. 2-3; other kernels by
+    ``attention=``, except causal masking, which needs the token order: use :func:`velocity`).
 
     Example::
 
         y = attention(wq, wk, wv, wo, x, tokens, jnp.full(N, 1 / N), beta=1.0)   # (d,)
         Y = jax.vmap(attention, in_axes=(None,) * 4 + (0, None, None))(...)    # many queries
     """
-    keys = project_ball(tokens, radius)
-    return _head_forward(wq, wk, wv, wo, x[None, :], keys, log_weights(weights), beta)[0]
+    spec = as_attention(attention)
+    if spec.causal:
+        raise ValueError("attention: causal masking needs the token order; use mfattn.velocity(...) instead.")
+    theta = _Head(wq[None], wk[None], wv[None], wo[None])
+    return velocity(theta, x[None, :], tokens, weights, beta=beta, radius=radius, attention=spec)[0]
+
+
+class _Head(NamedTuple):
+    wq: Array
+    wk: Array
+    wv: Array
+    wo: Array

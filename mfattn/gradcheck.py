@@ -107,6 +107,7 @@ def gradcheck(
 
 def _head_terms(wq, wk, wv, wo, x0, m, p, beta):
     from .adjoint import _head_backward
+    from .attention import SOFTMAX
 
-    o = _head_backward(wq, wk, wv, wo, x0, x0, m, p, beta, field=True, grad=False)
+    o = _head_backward(SOFTMAX, wq, wk, wv, wo, x0, x0, m, p, beta, field=True, grad=False)
     return o["term1"], o["term2"]

@@ -31,7 +31,7 @@ from jaxtyping import Array, Float
 
 from . import _checks
 from .adjoint import adjoint_field, grad_map
-from .attention import velocity
+from .attention import SOFTMAX, Attention, as_attention, velocity
 from .losses import Loss
 from .params import Params, init_params
 
@@ -116,6 +116,7 @@ class _Solve(eqx.Module):
     adjoint: diffrax.AbstractAdjoint
     rtol: float
     atol: float
+    attention: Attention = eqx.field(static=True, default=SOFTMAX)
 
     def controller(self, grid, interpolation):
         if self.stepsize_controller is not None:
@@ -123,7 +124,13 @@ class _Solve(eqx.Module):
         return _default_controller(grid, interpolation, self.rtol, self.atol)
 
 
-def _settings(solver, stepsize_controller, dt0, max_steps, adjoint, rtol, atol) -> _Solve:
+def _settings(solver, stepsize_controller, dt0, max_steps, adjoint, rtol, atol, attention=None, fn="limit") -> _Solve:
+    spec = as_attention(attention)
+    if spec.depth_exponent != 1:
+        raise ValueError(
+            f"{fn}: the depth limit exists for the residual step 1/L only (depth_exponent = 1), got "
+            f"depth_exponent = {spec.depth_exponent}."
+        )
     return _Solve(
         solver=diffrax.Tsit5() if solver is None else solver,
         stepsize_controller=stepsize_controller,
@@ -132,6 +139,7 @@ def _settings(solver, stepsize_controller, dt0, max_steps, adjoint, rtol, atol) 
         adjoint=diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint,
         rtol=rtol,
         atol=atol,
+        attention=spec,
     )
 
 
@@ -159,19 +167,47 @@ def _check_ts(fn, ts, dtype):
     return ts
 
 
+def _tangent(x, v):
+    """``v - <x, v> x`` row-wise: the projection onto the sphere's tangent space at unit ``x``."""
+    return v - x * jnp.sum(x * v, axis=-1, keepdims=True)
+
+
 def _forward_vf(t, x, args):
-    """``F(mu_t, x, nu_t)``. Everything arrives through ``args`` (``BacksolveAdjoint`` needs a vector field
-    that closes over no arrays)."""
-    ensemble, weights, beta, radius, grid, interpolation = args
+    """``F(mu_t, x, nu_t)`` (``F - <x, F> x`` for the normalised residual). Everything arrives through
+    ``args`` (``BacksolveAdjoint`` needs a vector field that closes over no arrays)."""
+    ensemble, weights, beta, radius, grid, interpolation, spec = args
     theta = param_at(ensemble, t, grid, interpolation)
-    return velocity(theta, x, x, weights, beta=beta, radius=radius)
+    f = velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec)
+    return _tangent(x, f) if spec.residual == "sphere" else f
 
 
 def _backward_vf(t, p, args):
-    """``-G(pi_t, x_t, p; nu_t)`` with ``x_t`` read from the forward solve's dense interpolant."""
-    ensemble, weights, beta, radius, grid, interpolation, xsol = args
+    """``-G(pi_t, x_t, p; nu_t)`` with ``x_t`` read from the forward solve's dense interpolant.
+
+    For the normalised residual the field is ``v = F - <x, F> x``; its adjoint field is
+    ``G(pi(x, q)) - <x, p> F - <x, F> p`` with ``q = p - <x, p> x`` (``F``'s cotangent)."""
+    ensemble, weights, beta, radius, grid, interpolation, xsol, spec = args
     theta = param_at(ensemble, t, grid, interpolation)
-    return -adjoint_field(theta, xsol.evaluate(t), p, weights, beta=beta, radius=radius)
+    x = xsol.evaluate(t)
+    if spec.residual == "sphere":
+        f = velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec)
+        g = adjoint_field(theta, x, _tangent(x, p), weights, beta=beta, radius=radius, attention=spec)
+        dot = lambda a, b: jnp.sum(a * b, axis=-1, keepdims=True)
+        return -(g - dot(x, p) * f - dot(x, f) * p)
+    return -adjoint_field(theta, x, p, weights, beta=beta, radius=radius, attention=spec)
+
+
+def _grad_maps(params, xs, ps, weights, beta, radius, spec):
+    """``g(theta_j, pi_j)`` for each grid (or layer) time ``j``, mapped over the leading axis; for the
+    normalised residual the adjoint in ``pi`` is ``p - <x, p> x``."""
+
+    def one(a):
+        theta, x, p = a
+        if spec.residual == "sphere":
+            p = _tangent(x, p)
+        return grad_map(theta, x, p, weights, beta=beta, radius=radius, attention=spec)
+
+    return jax.lax.map(one, (params, xs, ps))
 
 
 def _forward_solution(ensemble, tokens, weights, beta, radius, grid, interpolation, s: _Solve, saveat):
@@ -182,7 +218,7 @@ def _forward_solution(ensemble, tokens, weights, beta, radius, grid, interpolati
         t1=grid[-1],
         dt0=s.dt0,
         y0=tokens,
-        args=(ensemble, weights, beta, radius, grid, interpolation),
+        args=(ensemble, weights, beta, radius, grid, interpolation, s.attention),
         saveat=saveat,
         stepsize_controller=s.controller(grid, interpolation),
         adjoint=s.adjoint,
@@ -213,6 +249,7 @@ def forward(
     max_steps: int = 4096,
     adjoint: diffrax.AbstractAdjoint | None = None,
     saveat: diffrax.SaveAt | None = None,
+    attention: Attention | str | None = None,
 ):
     """Solve ``dx/dt = F(mu_t, x, nu_t)`` for all tokens jointly on ``[t_0, t_K]``.
 
@@ -233,6 +270,9 @@ def forward(
             ``diffrax.RecursiveCheckpointAdjoint()``; ``diffrax.BacksolveAdjoint()`` also works).
         saveat: a ``diffrax.SaveAt`` used instead of ``SaveAt(ts=ts)`` (e.g. ``SaveAt(dense=True)`` or
             ``SaveAt(steps=True)``); the whole ``diffrax.Solution`` is then returned.
+        attention: the kernel (:class:`~mfattn.Attention` or a kind string; default softmax). With
+            ``residual="sphere"`` the field is ``F - <x, F> x`` (the limit of the normalised residual).
+            ``depth_exponent`` must be 1: other residual scalings have no depth limit of this form.
 
     Returns:
         ``(T, N, d)``: the tokens at the save times (or the ``diffrax.Solution`` when ``saveat`` is given).
@@ -246,7 +286,7 @@ def forward(
         "limit.forward", ensemble, tokens, weights, beta, radius, grid, interpolation
     )
     ts = None if saveat is not None else _check_ts("limit.forward", ts, tokens.dtype)
-    s = _settings(solver, stepsize_controller, dt0, max_steps, adjoint, rtol, atol)
+    s = _settings(solver, stepsize_controller, dt0, max_steps, adjoint, rtol, atol, attention, "limit.forward")
     if saveat is not None:
         return _solve(ensemble, tokens, weights, beta, radius, grid, interpolation, s, saveat)
     return _forward(ensemble, tokens, weights, beta, radius, grid, interpolation, s, ts)
@@ -266,7 +306,7 @@ def _backward_solution(ensemble, xsol, terminal, weights, beta, radius, grid, in
         t1=grid[0],
         dt0=None if s.dt0 is None else -s.dt0,
         y0=terminal,
-        args=(ensemble, weights, beta, radius, grid, interpolation, xsol),
+        args=(ensemble, weights, beta, radius, grid, interpolation, xsol, s.attention),
         saveat=saveat,
         stepsize_controller=s.controller(grid, interpolation),
         max_steps=s.max_steps,
@@ -307,7 +347,8 @@ def backward(
             It is a static argument of the compiled solve: pass the same function object on every call (a new
             ``lambda`` each time recompiles), or use :func:`forward_backward` with a loss.
         ts: ``(T,)`` increasing save times.
-        solve_kwargs: ``solver``, ``stepsize_controller``, ``dt0``, ``rtol``, ``atol``, ``max_steps``.
+        solve_kwargs: ``solver``, ``stepsize_controller``, ``dt0``, ``rtol``, ``atol``, ``max_steps``,
+            ``attention``.
 
     Returns:
         ``(xs, ps)``, each ``(T, N, d)``: tokens and rescaled adjoints ``p = (1/m) d ell / d x`` at ``ts``.
@@ -362,6 +403,7 @@ def forward_backward(
     rtol: float = 1e-6,
     atol: float = 1e-8,
     max_steps: int = 4096,
+    attention: Attention | str | None = None,
 ):
     """Forward solve, loss at ``t_K``, then the hand-derived adjoint ODE backwards.
 
@@ -375,13 +417,13 @@ def forward_backward(
         "limit.forward_backward", ensemble, tokens, weights, beta, radius, grid, interpolation
     )
     ts = _check_ts("limit.forward_backward", ts, tokens.dtype)
-    s = _settings(solver, stepsize_controller, dt0, max_steps, None, rtol, atol)
+    s = _settings(solver, stepsize_controller, dt0, max_steps, None, rtol, atol, attention, "limit.forward_backward")
     return _forward_backward(ensemble, tokens, weights, targets, loss, beta, radius, grid, interpolation, s, ts)
 
 
 @eqx.filter_jit
-def _grad_map_on_grid(ensemble, xs, ps, weights, beta, radius):
-    return jax.lax.map(lambda a: grad_map(a[0], a[1], a[2], weights, beta=beta, radius=radius), (ensemble, xs, ps))
+def _grad_map_on_grid(ensemble, xs, ps, weights, beta, radius, spec=SOFTMAX):
+    return _grad_maps(ensemble, xs, ps, weights, beta, radius, spec)
 
 
 def grad_map_on_grid(
@@ -392,6 +434,7 @@ def grad_map_on_grid(
     beta,
     weights: Float[Array, " N"] | None = None,
     radius=None,
+    attention: Attention | str | None = None,
 ) -> Params:
     """``g(theta^m(t_j), pi_{t_j})`` for every grid time ``t_j`` and particle ``m``: leaves ``(K+1, M, d, k)``.
 
@@ -403,7 +446,7 @@ def grad_map_on_grid(
     shape = (ensemble.depth, *x0.shape)
     xs = _checks.check_array("limit.grad_map_on_grid", "xs", xs, shape, "(K+1, N, d)").astype(x0.dtype)
     ps = _checks.check_array("limit.grad_map_on_grid", "ps", ps, shape, "(K+1, N, d)").astype(x0.dtype)
-    return _grad_map_on_grid(ensemble, xs, ps, weights, beta, radius)
+    return _grad_map_on_grid(ensemble, xs, ps, weights, beta, radius, as_attention(attention))
 
 
 def discretize(ensemble: Params, depth: int, *, grid=None, interpolation: Interpolation = "linear") -> Params:
@@ -469,7 +512,8 @@ def batch_grad_map(
         coupled: optional discrete parameters ``(L, H, d, k)`` (paper eq. 23), or a tuple of them (one per
             sweep point, each with its own ``L, H``): head ``h`` of layer ``l`` gets the gradient map
             ``g(theta_{l,h}, pi_{t_l})`` of the *limit's* measure at ``t_l = l / L``.
-        solve_kwargs: ``solver``, ``stepsize_controller``, ``dt0``, ``rtol``, ``atol``, ``max_steps``.
+        solve_kwargs: ``solver``, ``stepsize_controller``, ``dt0``, ``rtol``, ``atol``, ``max_steps``,
+            ``attention``.
 
     Returns:
         ``(value, g_ensemble, g_coupled)``: the batch-mean loss of the limit, ``g(theta^m(t_j), pi_{t_j})``
@@ -506,6 +550,8 @@ def batch_grad_map(
         None,
         solve_kwargs.pop("rtol", 1e-6),
         solve_kwargs.pop("atol", 1e-8),
+        solve_kwargs.pop("attention", None),
+        "limit.batch_grad_map",
     )
     if solve_kwargs:
         raise ValueError(f"limit.batch_grad_map: unknown arguments {sorted(solve_kwargs)}.")
@@ -529,12 +575,12 @@ def _batch_grad_map(ensemble, tokens, weights, targets, loss, beta, radius, grid
     def one(x0, w, y):
         value, xsol, psol = _dense_forward_backward(ensemble, x0, w, y, loss, beta, radius, grid, interpolation, s)
         xs, ps = jax.vmap(xsol.evaluate)(grid), jax.vmap(psol.evaluate)(grid)
-        g_ens = jax.lax.map(lambda a: grad_map(a[0], a[1], a[2], w, beta=beta, radius=radius), (ensemble, xs, ps))
+        g_ens = _grad_maps(ensemble, xs, ps, w, beta, radius, s.attention)
 
         def coupled_grad(c):
             tl = _layer_times(c.depth, grid)
             xl, pl = jax.vmap(xsol.evaluate)(tl), jax.vmap(psol.evaluate)(tl)
-            return jax.lax.map(lambda a: grad_map(a[0], a[1], a[2], w, beta=beta, radius=radius), (c, xl, pl))
+            return _grad_maps(c, xl, pl, w, beta, radius, s.attention)
 
         g_c = None if coupled is None else jax.tree.map(coupled_grad, coupled, is_leaf=_is_params)
         return value, g_ens, g_c

@@ -27,19 +27,45 @@ from jaxtyping import Array, Float, Scalar
 
 from . import _checks
 from .adjoint import adjoint_field, adjoint_field_and_grad_map, grad_map
-from .attention import velocity
+from .attention import SOFTMAX, Attention, as_attention, velocity
 from .losses import Loss
 from .params import Params
 
-__all__ = ["forward", "adjoint", "param_grad", "loss_and_grad", "value_and_grad_map"]
+__all__ = ["forward", "adjoint", "param_grad", "loss_and_grad", "value_and_grad_map", "grad_scale"]
+
+
+def _normalize(y):
+    norm = jnp.linalg.norm(y, axis=-1, keepdims=True)
+    return y / jnp.where(norm > 0, norm, 1)
+
+
+def _pullback(spec: Attention, theta, x, p, weights, beta, radius, step):
+    """The adjoint of a layer's *velocity* given the adjoint ``p`` of its output: ``p`` itself for the plain
+    residual; for the normalised residual ``x' = y / |y|``, ``y = x + h F``, it is
+    ``DN(y)^T p = (p - x' <x', p>) / |y|`` (``F`` recomputed from the stored input)."""
+    if spec.residual == "euler":
+        return p
+    y = x + step * velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec)
+    norm = jnp.linalg.norm(y, axis=-1, keepdims=True)
+    norm = jnp.where(norm > 0, norm, 1)
+    unit = y / norm
+    return (p - unit * jnp.sum(unit * p, axis=-1, keepdims=True)) / norm
+
+
+def grad_scale(params: Params, attention: Attention | str | None = None) -> float:
+    """``h / H`` with ``h = L^-alpha`` the residual step: ``d ell / d theta_{l,h} = (h / H) g(theta_{l,h}, pi^l)``
+    (``1 / (L H)`` for the paper's scaling)."""
+    return as_attention(attention).step(params.depth) / params.heads
 
 
 @eqx.filter_jit
-def _forward(params, tokens, weights, beta, radius):
-    inv_depth = 1.0 / params.depth
+def _forward(params, tokens, weights, beta, radius, spec: Attention = SOFTMAX):
+    step = spec.step(params.depth)
 
     def layer(x, theta):
-        x = x + inv_depth * velocity(theta, x, x, weights, beta=beta, radius=radius)
+        x = x + step * velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec)
+        if spec.residual == "sphere":
+            x = _normalize(x)
         return x, x
 
     _, traj = jax.lax.scan(layer, tokens, params)
@@ -47,12 +73,13 @@ def _forward(params, tokens, weights, beta, radius):
 
 
 @eqx.filter_jit
-def _adjoint(params, trajectory, terminal, weights, beta, radius):
-    inv_depth = 1.0 / params.depth
+def _adjoint(params, trajectory, terminal, weights, beta, radius, spec: Attention = SOFTMAX):
+    step = spec.step(params.depth)
 
     def layer(p, xs):
         theta, x = xs
-        p = p + inv_depth * adjoint_field(theta, x, p, weights, beta=beta, radius=radius)
+        q = _pullback(spec, theta, x, p, weights, beta, radius, step)
+        p = q + step * adjoint_field(theta, x, q, weights, beta=beta, radius=radius, attention=spec)
         return p, p
 
     _, ps = jax.lax.scan(layer, terminal, (params, trajectory[:-1]), reverse=True)
@@ -60,24 +87,29 @@ def _adjoint(params, trajectory, terminal, weights, beta, radius):
 
 
 @eqx.filter_jit
-def _param_grad(params, trajectory, adjoints, weights, beta, radius):
-    return jax.lax.map(
-        lambda xs: grad_map(xs[0], xs[1], xs[2], weights, beta=beta, radius=radius),
-        (params, trajectory[:-1], adjoints[1:]),
-    )
+def _param_grad(params, trajectory, adjoints, weights, beta, radius, spec: Attention = SOFTMAX):
+    step = spec.step(params.depth)
+
+    def one(xs):
+        theta, x, p = xs
+        q = _pullback(spec, theta, x, p, weights, beta, radius, step)
+        return grad_map(theta, x, q, weights, beta=beta, radius=radius, attention=spec)
+
+    return jax.lax.map(one, (params, trajectory[:-1], adjoints[1:]))
 
 
 @eqx.filter_jit
-def _value_and_grad_map(params, tokens, weights, targets, loss, beta, radius):
-    trajectory = _forward(params, tokens, weights, beta, radius)
+def _value_and_grad_map(params, tokens, weights, targets, loss, beta, radius, spec: Attention = SOFTMAX):
+    trajectory = _forward(params, tokens, weights, beta, radius, spec)
     terminal = trajectory[-1]
     value = loss(terminal, weights, targets)
-    inv_depth = 1.0 / params.depth
+    step = spec.step(params.depth)
 
     def layer(p, xs):
         theta, x = xs
-        field, g = adjoint_field_and_grad_map(theta, x, p, weights, beta=beta, radius=radius)
-        return p + inv_depth * field, g
+        q = _pullback(spec, theta, x, p, weights, beta, radius, step)
+        field, g = adjoint_field_and_grad_map(theta, x, q, weights, beta=beta, radius=radius, attention=spec)
+        return q + step * field, g
 
     p0, g = jax.lax.scan(layer, loss.lions(terminal, weights, targets), (params, trajectory[:-1]), reverse=True)
     return value, g, p0
@@ -98,6 +130,7 @@ def forward(
     beta,
     weights: Float[Array, " N"] | None = None,
     radius=None,
+    attention: Attention | str | None = None,
 ) -> Float[Array, "L1 N d"]:
     """Run the ``L``-layer, ``H``-head attention-only transformer on one token sequence.
 
@@ -108,6 +141,8 @@ def forward(
         weights: ``(N,)`` token masses ``m_i >= 0`` summing to 1 (default uniform ``1/N``); ``m_i = 0``
             marks padding, which is moved by attention but influences nothing.
         radius: optional radius ``R`` of the projection ``Pi_R`` applied to the measure (SPEC eq. 6-7).
+        attention: the kernel, normalisation and scalings (:class:`~mfattn.Attention` or a kind string;
+            default softmax with the residual step ``1/L``). Every entry point takes the same keyword.
 
     Returns:
         The trajectory ``(L + 1, N, d)``: ``x^0, ..., x^L``.
@@ -118,8 +153,9 @@ def forward(
         traj = mfattn.forward(params, tokens, beta=1.0)            # (9, N, 16)
         batch = jax.vmap(lambda x: mfattn.forward(params, x, beta=1.0))(tokens_batch)
     """
+    spec = as_attention(attention)
     params, tokens, weights, beta, radius = _checks.prepare("forward", params, tokens, weights, beta, radius)
-    return _forward(params, tokens, weights, beta, radius)
+    return _forward(params, tokens, weights, beta, radius, spec)
 
 
 def adjoint(
@@ -130,6 +166,7 @@ def adjoint(
     beta,
     weights: Float[Array, " N"] | None = None,
     radius=None,
+    attention: Attention | str | None = None,
 ) -> Float[Array, "L1 N d"]:
     """The rescaled adjoints ``p^l = (1/m) d ell / d x^l`` by the hand-derived backward recursion.
 
@@ -137,7 +174,7 @@ def adjoint(
         params: ``(L, H, d, k)`` parameters.
         trajectory: ``(L + 1, N, d)`` from :func:`forward`.
         terminal: ``(N, d)`` the terminal condition ``p^L`` (a loss's ``lions(x^L, ...)``).
-        beta, weights, radius: as in :func:`forward`.
+        beta, weights, radius, attention: as in :func:`forward`.
 
     Returns:
         ``(L + 1, N, d)``: ``p^0, ..., p^L`` with ``p^L = terminal``. For a token of weight 0, ``p`` is the
@@ -145,7 +182,7 @@ def adjoint(
     """
     params, x0, weights, beta, radius = _checks.prepare("adjoint", params, _first(trajectory), weights, beta, radius)
     trajectory, terminal = _check_traj("adjoint", params, x0, trajectory, terminal, "terminal", "(N, d)")
-    return _adjoint(params, trajectory, terminal, weights, beta, radius)
+    return _adjoint(params, trajectory, terminal, weights, beta, radius, as_attention(attention))
 
 
 def param_grad(
@@ -156,15 +193,18 @@ def param_grad(
     beta,
     weights: Float[Array, " N"] | None = None,
     radius=None,
+    attention: Attention | str | None = None,
 ) -> Params:
     """The rescaled gradient map ``g(theta_{l,h}, pi^l)`` of every layer and head (SPEC eq. 20).
 
     ``pi^l`` is the joint measure of ``(x^l, p^{l+1})``. Returns a :class:`~mfattn.Params` shaped like
-    ``params``; the true gradient is ``g / (L H)`` (:func:`loss_and_grad` returns it).
+    ``params``; the true gradient is ``(h / H) g`` with ``h = L^-alpha`` the residual step, ``g / (L H)`` by
+    default (:func:`grad_scale`; :func:`loss_and_grad` returns it). For the normalised residual the
+    adjoint in ``pi^l`` is ``p^{l+1}`` pulled back through the normalisation.
     """
     params, x0, weights, beta, radius = _checks.prepare("param_grad", params, _first(trajectory), weights, beta, radius)
     trajectory, adjoints = _check_traj("param_grad", params, x0, trajectory, adjoints, "adjoints", "(L+1, N, d)")
-    return _param_grad(params, trajectory, adjoints, weights, beta, radius)
+    return _param_grad(params, trajectory, adjoints, weights, beta, radius, as_attention(attention))
 
 
 def value_and_grad_map(
@@ -176,12 +216,13 @@ def value_and_grad_map(
     weights: Float[Array, " N"] | None = None,
     targets=None,
     radius=None,
+    attention: Attention | str | None = None,
 ) -> tuple[Scalar, Params, Float[Array, "N d"]]:
     """Loss value, rescaled gradient map ``g`` (shaped like ``params``) and input adjoint ``p^0``, in one
     forward scan and one fused backward scan (the memory-lean hand path used for training)."""
     _check_loss("value_and_grad_map", loss)
     params, tokens, weights, beta, radius = _checks.prepare("value_and_grad_map", params, tokens, weights, beta, radius)
-    return _value_and_grad_map(params, tokens, weights, targets, loss, beta, radius)
+    return _value_and_grad_map(params, tokens, weights, targets, loss, beta, radius, as_attention(attention))
 
 
 def loss_and_grad(
@@ -194,11 +235,12 @@ def loss_and_grad(
     targets=None,
     radius=None,
     method: Literal["adjoint", "autodiff"] = "adjoint",
+    attention: Attention | str | None = None,
 ) -> tuple[Scalar, Params]:
     """The loss ``ell(mu^L)`` and its true gradient with respect to ``params``.
 
     Args:
-        params, tokens, beta, weights, radius: as in :func:`forward`.
+        params, tokens, beta, weights, radius, attention: as in :func:`forward`.
         loss: an :class:`mfattn.losses.Loss`, evaluated as ``loss(x^L, weights, targets)``.
         targets: whatever ``loss`` takes as targets (e.g. ``(N, d_out)`` for token regression).
         method: ``"adjoint"`` (default) -- forward scan plus the hand-derived backward scan, memory
@@ -210,19 +252,20 @@ def loss_and_grad(
     """
     _check_loss("loss_and_grad", loss)
     params, tokens, weights, beta, radius = _checks.prepare("loss_and_grad", params, tokens, weights, beta, radius)
+    spec = as_attention(attention)
     if method == "adjoint":
-        value, g, _ = _value_and_grad_map(params, tokens, weights, targets, loss, beta, radius)
-        scale = 1.0 / (params.depth * params.heads)
+        value, g, _ = _value_and_grad_map(params, tokens, weights, targets, loss, beta, radius, spec)
+        scale = grad_scale(params, spec)
         return value, jax.tree.map(lambda x: x * scale, g)
     if method == "autodiff":
-        return _autodiff_loss_and_grad(params, tokens, weights, targets, loss, beta, radius)
+        return _autodiff_loss_and_grad(params, tokens, weights, targets, loss, beta, radius, spec)
     raise ValueError(f"loss_and_grad: method must be 'adjoint' or 'autodiff', got {method!r}.")
 
 
 @eqx.filter_jit
-def _autodiff_loss_and_grad(params, tokens, weights, targets, loss, beta, radius):
+def _autodiff_loss_and_grad(params, tokens, weights, targets, loss, beta, radius, spec: Attention = SOFTMAX):
     def objective(p):
-        return loss(_forward(p, tokens, weights, beta, radius)[-1], weights, targets)
+        return loss(_forward(p, tokens, weights, beta, radius, spec)[-1], weights, targets)
 
     return jax.value_and_grad(objective)(params)
 

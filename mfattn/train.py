@@ -25,9 +25,10 @@ import numpy as np
 import optax
 
 from . import _checks
+from .attention import Attention, as_attention
 from .losses import Loss
 from .params import Params
-from .particles import _forward, _value_and_grad_map
+from .particles import _forward, _value_and_grad_map, grad_scale
 
 __all__ = ["TrainState", "batch_grad_map", "train_step", "train", "save_checkpoint", "load_checkpoint"]
 
@@ -51,6 +52,7 @@ def batch_grad_map(
     beta,
     radius=None,
     method: Literal["adjoint", "autodiff"] = "adjoint",
+    attention: Attention | str | None = None,
 ):
     """Batch-mean loss and the batch-mean rescaled gradient map ``g`` (shaped like ``params``).
 
@@ -58,16 +60,19 @@ def batch_grad_map(
         params: ``(L, H, d, k)`` parameters.
         tokens: ``(B, N, d)``; weights: ``(B, N)``; targets: a pytree with leading axis ``B``.
         loss: an :class:`~mfattn.losses.Loss`.
-        method: ``"adjoint"`` (hand-derived, memory-lean) or ``"autodiff"`` (``L H jax.grad``).
+        method: ``"adjoint"`` (hand-derived, memory-lean) or ``"autodiff"`` (``jax.grad / grad_scale``).
+        attention: the kernel and scalings (:class:`~mfattn.Attention`; default softmax).
 
     Returns:
-        ``(mean loss, g)``. The true gradient of the batch-mean loss is ``g / (L H)``.
+        ``(mean loss, g)``. The true gradient of the batch-mean loss is ``grad_scale(params, attention) * g``
+        (``g / (L H)`` by default).
     """
+    spec = as_attention(attention)
     beta = jnp.asarray(beta, params.wq.dtype)
     if method == "adjoint":
 
         def one(x, w, y):
-            value, g, _ = _value_and_grad_map(params, x, w, y, loss, beta, radius)
+            value, g, _ = _value_and_grad_map(params, x, w, y, loss, beta, radius, spec)
             return value, g
 
         values, gs = jax.vmap(one)(tokens, weights, targets)
@@ -75,11 +80,11 @@ def batch_grad_map(
     if method == "autodiff":
 
         def objective(p):
-            traj = jax.vmap(lambda x, w: _forward(p, x, w, beta, radius))(tokens, weights)
+            traj = jax.vmap(lambda x, w: _forward(p, x, w, beta, radius, spec))(tokens, weights)
             return jnp.mean(jax.vmap(loss)(traj[:, -1], weights, targets))
 
         value, grad = jax.value_and_grad(objective)(params)
-        scale = params.depth * params.heads
+        scale = 1.0 / grad_scale(params, spec)
         return value, jax.tree.map(lambda a: a * scale, grad)
     raise ValueError(f"method must be 'adjoint' or 'autodiff', got {method!r}.")
 
@@ -105,6 +110,7 @@ def train_step(
     beta,
     radius=None,
     method: Literal["adjoint", "autodiff"] = "adjoint",
+    attention: Attention | str | None = None,
 ):
     """One optimizer step on a batch ``(tokens (B, N, d), weights (B, N), targets)``.
 
@@ -113,14 +119,16 @@ def train_step(
     (after the update).
     """
     tokens, weights, targets = batch
-    value, g = batch_grad_map(params, tokens, weights, targets, loss, beta=beta, radius=radius, method=method)
+    value, g = batch_grad_map(
+        params, tokens, weights, targets, loss, beta=beta, radius=radius, method=method, attention=attention
+    )
     updates, opt_state = optimizer.update(g, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, _metrics(params, g, value)
 
 
 @eqx.filter_jit
-def _run_chunk(state: TrainState, num_steps: int, sample, batch_size, loss, optimizer, beta, radius, method):
+def _run_chunk(state: TrainState, num_steps: int, sample, batch_size, loss, optimizer, beta, radius, method, spec):
     def body(state, _):
         key = jax.random.fold_in(state.key, state.step)
         batch = sample(key, batch_size)
@@ -133,6 +141,7 @@ def _run_chunk(state: TrainState, num_steps: int, sample, batch_size, loss, opti
             beta=beta,
             radius=radius,
             method=method,
+            attention=spec,
         )
         return TrainState(params, opt_state, state.step + 1, state.key), metrics
 
@@ -150,6 +159,7 @@ def train(
     key,
     radius=None,
     method: Literal["adjoint", "autodiff"] = "adjoint",
+    attention: Attention | str | None = None,
     log_every: int = 10,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -168,6 +178,7 @@ def train(
         beta: inverse temperature; radius: optional projection radius.
         key: PRNG key; step ``s`` draws its batch with ``fold_in(key, s)``.
         method: ``"adjoint"`` or ``"autodiff"`` (see :func:`batch_grad_map`).
+        attention: the kernel and scalings (:class:`~mfattn.Attention` or a kind string; default softmax).
         log_every: steps per compiled chunk; one history row per step, block norms once per chunk.
         checkpoint_dir: if given, ``(params, opt_state, step, key)`` and the history are written there
             after every chunk, and a run started with the same directory resumes from them.
@@ -187,6 +198,7 @@ def train(
         raise ValueError(f"train: log_every must be a positive integer, got {log_every!r}.")
     if method not in ("adjoint", "autodiff"):
         raise ValueError(f"train: method must be 'adjoint' or 'autodiff', got {method!r}.")
+    spec = as_attention(attention)
     loss = task.loss
     if not isinstance(loss, Loss):
         raise ValueError(f"train: task.loss must be an mfattn.losses.Loss, got {type(loss).__name__}.")
@@ -211,7 +223,7 @@ def train(
     while int(state.step) < steps:
         n = min(log_every, steps - int(state.step))
         first = int(state.step)
-        state, metrics = _run_chunk(state, n, task.sample, batch_size, loss, optimizer, beta, radius, method)
+        state, metrics = _run_chunk(state, n, task.sample, batch_size, loss, optimizer, beta, radius, method, spec)
         metrics = jax.device_get(metrics)
         history["step"].extend(range(first, first + n))
         for name in ("loss", "grad_norm", "max_abs_param"):

@@ -122,10 +122,10 @@ def test_jacobian_and_lions_terms(c):
 
 def _head_terms(theta, x0, m, p, c):
     from mfattn.adjoint import _head_backward
-    from mfattn.attention import project_ball
+    from mfattn.attention import SOFTMAX, project_ball
 
     keys = project_ball(x0, c.radius)
-    o = _head_backward(theta.wq, theta.wk, theta.wv, theta.wo, x0, keys, m, p, c.beta, field=True, grad=False)
+    o = _head_backward(SOFTMAX, theta.wq, theta.wk, theta.wv, theta.wo, x0, keys, m, p, c.beta, field=True, grad=False)
     return o["term1"], o["term2"]
 
 

@@ -178,3 +178,55 @@ def test_limit_rejects_bad_input(no_jaxtyping):
         limit.forward(jax.tree.map(lambda a: a[:1], ens), x0, beta=1.0, ts=jnp.array([1.0]))
     with pytest.raises(ValueError, match=r"tokens must have shape \(B, N, d\)"):
         limit.batch_grad_map(ens, x0, m, y, TokenRegression(), beta=1.0)
+
+
+LIMIT_VARIANTS = {
+    "causal-sigmoid": mfattn.Attention("sigmoid", causal=True, bias=0.3),
+    "l2": mfattn.Attention("l2"),
+    "sinkhorn": mfattn.Attention("sinkhorn", sinkhorn_iters=3),
+    "sphere": mfattn.Attention(residual="sphere"),
+}
+
+
+@pytest.mark.parametrize("name", list(LIMIT_VARIANTS))
+def test_variant_adjoint_ode_matches_autodiff_through_diffrax(name):
+    """The hand adjoint ODE of each kind of variant (closed form, autodiff Lions term, the normalised
+    residual's projected field) against jax.grad through the forward solve."""
+    spec = LIMIT_VARIANTS[name]
+    ens, x0, m, y = _instance(grid_size=3, particles=3, n=4)
+    if spec.residual == "sphere":
+        x0 = x0 / jnp.linalg.norm(x0, axis=-1, keepdims=True)
+    loss = TokenRegression()
+    tol = dict(rtol=1e-11, atol=1e-12, attention=spec)
+    value, xs, ps = limit.forward_backward(
+        ens, x0, loss, beta=BETA, ts=jnp.array([0.0, 1.0]), weights=m, targets=y, **tol
+    )
+
+    def f(x):
+        return loss(limit.forward(ens, x, beta=BETA, ts=jnp.array([1.0]), weights=m, **tol)[-1], m, y)
+
+    live = np.asarray(m > 0)
+    expect = jax.grad(f)(x0) / jnp.where(m > 0, m, 1)[:, None]
+    err = np.linalg.norm(ps[0][live] - expect[live]) / np.linalg.norm(expect[live])
+    assert err < 1e-8, err
+    if spec.residual == "sphere":  # the projected field keeps the tokens on the sphere
+        np.testing.assert_allclose(np.linalg.norm(xs[-1], axis=-1), 1.0, atol=1e-9)
+
+
+def test_normalised_residual_converges_to_the_projected_limit():
+    """Discrete x^{l+1} = N(x^l + F/L) against the limit dx/dt = F - <x, F> x: error O(1/L)."""
+    spec = mfattn.Attention(residual="sphere")
+    ens, x0, m, _ = _instance(grid_size=3, particles=4, n=5, variation=0.1)
+    x0 = x0 / jnp.linalg.norm(x0, axis=-1, keepdims=True)
+    x1 = limit.forward(ens, x0, beta=BETA, ts=jnp.array([1.0]), weights=m, rtol=1e-10, atol=1e-12, attention=spec)[-1]
+    errs = []
+    for depth in (8, 32):
+        disc = mfattn.forward(limit.discretize(ens, depth), x0, beta=BETA, weights=m, attention=spec)[-1]
+        errs.append(float(np.max(np.linalg.norm(disc - x1, axis=-1))))
+    assert errs[0] / errs[1] > 3.0, errs  # 4 for an exact first-order rate
+
+
+def test_limit_rejects_depth_exponent_other_than_one(no_jaxtyping):
+    ens, x0, m, _ = _instance()
+    with pytest.raises(ValueError, match="depth_exponent"):
+        limit.forward(ens, x0, beta=BETA, ts=jnp.array([1.0]), attention=mfattn.Attention(depth_exponent=0.5))
