@@ -44,6 +44,7 @@ from .attention import (
     Attention,
     _causal_mask,
     _exp_cap,
+    _matmul,
     _scores,
     as_attention,
     project_ball,
@@ -70,9 +71,10 @@ def _head_backward(spec, wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, 
     live = weights > 0
     live_rows = live[:, None]
     m = weights[:, None]
-    q = tokens @ wq
-    kk = keys @ wk
-    v = keys @ wv
+    mm = _matmul(spec)  # the N x N x k and projection products (mixed precision when asked)
+    q = mm(tokens, wq)
+    kk = mm(keys, wk)
+    v = mm(keys, wv)
     s = _scores(spec, q, kk, beta)
     causal = _causal_mask(*s.shape) if spec.causal else None
     if spec.normalized:
@@ -94,9 +96,9 @@ def _head_backward(spec, wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, 
         rz = jnp.where(z > 0, 1 / jnp.where(z > 0, z, 1), 0)
     else:
         rz = jnp.ones_like(m)
-    vbar = (u @ (m * v)) * rz  # (N, k): W_V^T ybar_i
-    a = adjoints @ wo  # (N, k): a_i = W_O^T p_i
-    e = a @ v.T  # (N, N): <a_i, W_V^T x_j>
+    vbar = mm(u, m * v) * rz  # (N, k): W_V^T ybar_i
+    a = mm(adjoints, wo)  # (N, k): a_i = W_O^T p_i
+    e = mm(a, v.T)  # (N, N): <a_i, W_V^T x_j>
     if spec.normalized:
         # dev_ij = e_ij - ebar_i by one step of iterative refinement: centre at c_i = <a_i, vbar_i>, then
         # subtract sum_l w_il (e_il - c_i). When the softmax is nearly one-hot (large beta) the plain
@@ -107,27 +109,27 @@ def _head_backward(spec, wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, 
         ud = u * e
     else:
         ud = (u * (1 - u)) * e  # zero where masked, as u is
-    delta_k = (ud @ (m * kk)) * rz  # (N, k): sum_j delta_ij W_K^T x_j
+    delta_k = mm(ud, m * kk) * rz  # (N, k): sum_j delta_ij W_K^T x_j
     # Transposed (Lions) products sum over query rows i with mass m_i r_i; dead rows are masked with
     # where (not multiplied by 0), so a non-finite adjoint at a padding token cannot leak.
     ma = jnp.where(live_rows, m * a, 0) * rz
     mq = jnp.where(live_rows, m * q, 0) * rz
-    ut_ma = u.T @ ma  # (N, k): [U^T (m a)]
+    ut_ma = mm(u.T, ma)  # (N, k): [U^T (m a)]
     udl = jnp.where(live_rows, ud, 0)
-    key_term = udl.T @ mq  # (N, k): [(U * D)^T (m Q)], the score's derivative in the key
+    key_term = mm(udl.T, mq)  # (N, k): [(U * D)^T (m Q)], the score's derivative in the key
     if spec.kind == "l2":
         key_term = key_term - (udl.T @ (jnp.where(live_rows, m, 0) * rz)) * kk
     out = {}
     if field:
-        out["term1"] = beta * (delta_k @ wq.T)
-        out["term2"] = ut_ma @ wv.T + beta * (key_term @ wk.T)
+        out["term1"] = beta * mm(delta_k, wq.T)
+        out["term2"] = mm(ut_ma, wv.T) + beta * mm(key_term, wk.T)
     if grad:
         mp = jnp.where(live_rows, m * adjoints, 0)
         out["grad"] = (
-            beta * (tokens.T @ jnp.where(live_rows, m * delta_k, 0)),  # dW_Q
-            beta * (keys.T @ jnp.where(live_rows, m * key_term, 0)),  # dW_K
-            keys.T @ jnp.where(live_rows, m * ut_ma, 0),  # dW_V
-            mp.T @ vbar,  # dW_O
+            beta * mm(tokens.T, jnp.where(live_rows, m * delta_k, 0)),  # dW_Q
+            beta * mm(keys.T, jnp.where(live_rows, m * key_term, 0)),  # dW_K
+            mm(keys.T, jnp.where(live_rows, m * ut_ma, 0)),  # dW_V
+            mm(mp.T, vbar),  # dW_O
         )
     return out
 

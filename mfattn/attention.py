@@ -106,6 +106,11 @@ class Attention:
         depth_exponent: ``alpha`` of the residual step ``L^-alpha`` (1: the paper's mean-field scaling and
             the only one with a depth limit; 1/2: the other regime).
         sinkhorn_iters: number of Sinkhorn iterations (``"sinkhorn"`` only).
+        matmul_dtype: ``None`` (products in the input dtype) or e.g. ``"bfloat16"``: mixed precision, where
+            the operands of every matrix product (projections, scores, weighted sums; forward and hand
+            backward) are cast to this dtype and accumulated in the input dtype, while the softmax
+            statistics (shift, exponentials, normalising sums, the centring of the backward pass) stay in
+            the input dtype. For accelerators with fast low-precision matrix units; on a CPU it is slower.
 
     Pass an ``Attention`` (or just the kind as a string) as ``attention=`` to any entry point::
 
@@ -120,6 +125,7 @@ class Attention:
     residual: Literal["euler", "sphere"] = "euler"
     depth_exponent: float = 1.0
     sinkhorn_iters: int = 20
+    matmul_dtype: str | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -141,6 +147,13 @@ class Attention:
             raise ValueError(f"Attention: residual must be 'euler' or 'sphere', got {self.residual!r}.")
         if not (np.isfinite(self.depth_exponent) and self.depth_exponent > 0):
             raise ValueError(f"Attention: depth_exponent must be > 0, got {self.depth_exponent!r}.")
+        if self.matmul_dtype is not None:
+            try:
+                dt = jnp.dtype(self.matmul_dtype)
+            except TypeError:
+                dt = None
+            if dt is None or not jnp.issubdtype(dt, jnp.floating):
+                raise ValueError(f"Attention: matmul_dtype must be a floating dtype name, got {self.matmul_dtype!r}.")
         if not (isinstance(self.sinkhorn_iters, int) and self.sinkhorn_iters >= 1):
             raise ValueError(f"Attention: sinkhorn_iters must be a positive integer, got {self.sinkhorn_iters!r}.")
 
@@ -167,6 +180,27 @@ class Attention:
 SOFTMAX = Attention()
 
 
+def _matmul(spec: Attention):
+    """``a @ b``, or with ``spec.matmul_dtype`` the mixed-precision product (operands cast, accumulation
+    and result in the inputs' dtype)."""
+    if spec.matmul_dtype is None:
+        return jnp.matmul
+    low = jnp.dtype(spec.matmul_dtype)
+    if jax.default_backend() == "cpu":
+        # XLA:CPU has no low x low -> high dot for every shape: round the operands to the low dtype and
+        # multiply in the high one (the same numbers up to the order of accumulation).
+        def mm(a, b):
+            high = jnp.result_type(a, b)
+            return jnp.matmul(a.astype(low).astype(high), b.astype(low).astype(high))
+
+        return mm
+
+    def mm(a, b):
+        return jnp.matmul(a.astype(low), b.astype(low), preferred_element_type=jnp.result_type(a, b))
+
+    return mm
+
+
 def as_attention(attention) -> Attention:
     """``None`` -> softmax; a kind string -> ``Attention(kind)``; an :class:`Attention` unchanged."""
     if attention is None:
@@ -188,7 +222,7 @@ def _exp_cap(dtype) -> float:
 def _scores(spec: Attention, q, kk, beta):
     """``(Nq, N)`` scores; for ``"l2"`` the query's own ``-beta |q|^2 / 2`` is dropped (it cancels in the
     normalisation)."""
-    s = beta * (q @ kk.T)
+    s = beta * _matmul(spec)(q, kk.T)
     if spec.kind == "l2":
         s = s - (0.5 * beta) * jnp.sum(kk * kk, axis=-1)[None, :]
     return s
@@ -254,14 +288,15 @@ def _head_weights(spec: Attention, q, kk, weights, beta, key_bias=None):
 
 def _head_forward(spec, wq, wk, wv, wo, queries, tokens, keys, weights, beta):
     """One head, all queries: ``(Nq, d)``. Work ``O(Nq N k)`` (times the iterations for Sinkhorn)."""
-    q = queries @ wq  # (Nq, k)
-    kk = keys @ wk  # (N, k)
-    v = keys @ wv  # (N, k)
+    mm = _matmul(spec)
+    q = mm(queries, wq)  # (Nq, k)
+    kk = mm(keys, wk)  # (N, k)
+    v = mm(keys, wv)  # (N, k)
     bias = None
     if spec.kind == "sinkhorn":
-        bias = sinkhorn_potentials(tokens @ wq, kk, weights, beta, spec)
+        bias = sinkhorn_potentials(mm(tokens, wq), kk, weights, beta, spec)
     w = _head_weights(spec, q, kk, weights, beta, bias)
-    return (w @ v) @ wo.T
+    return mm(mm(w, v), wo.T)
 
 
 def velocity(
