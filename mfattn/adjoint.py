@@ -42,7 +42,7 @@ from jaxtyping import Array, Float
 
 from .attention import (
     Attention,
-    _causal_mask,
+    _causal_allowed,
     _exp_cap,
     _matmul,
     _scores,
@@ -68,15 +68,66 @@ def _head_backward(spec, wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, 
     For ``"l2"`` the score also depends on the key through ``-beta |K_j|^2 / 2``, which adds
     ``-beta (ud^T (m r))_j K_j`` to the key term.
     """
+    n = tokens.shape[0]
     live = weights > 0
-    live_rows = live[:, None]
     m = weights[:, None]
     mm = _matmul(spec)  # the N x N x k and projection products (mixed precision when asked)
-    q = mm(tokens, wq)
     kk = mm(keys, wk)
     v = mm(keys, wv)
+    rows = dict(x=tokens, p=adjoints, w=weights, i=jnp.arange(n))
+    chunk = spec.chunk
+    if chunk is None or chunk >= n:
+        acc, out_rows = _backward_rows(spec, wq, wo, rows, kk, v, weights, beta, mm)
+    else:
+        # Query rows in blocks of `chunk` (padded with dead rows): memory O(chunk N) per head. The
+        # transposed (Lions) products and the gradients accumulate over the blocks.
+        nb = -(-n // chunk)
+        pad = nb * chunk - n
+        blocks = jax.tree.map(
+            lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(nb, chunk, *a.shape[1:]), rows
+        )
+
+        def body(acc, block):
+            add, out = _backward_rows(spec, wq, wo, block, kk, v, weights, beta, mm)
+            return jax.tree.map(jnp.add, acc, add), out
+
+        zeros = jax.tree.map(
+            jnp.zeros_like,
+            jax.eval_shape(
+                lambda: _backward_rows(spec, wq, wo, jax.tree.map(lambda a: a[0], blocks), kk, v, weights, beta, mm)[0]
+            ),
+        )
+        acc, out_rows = jax.lax.scan(body, zeros, blocks)
+        out_rows = jax.tree.map(lambda a: a.reshape(nb * chunk, *a.shape[2:])[:n], out_rows)
+    key_term = acc["key_term"]
+    if spec.kind == "l2":
+        key_term = key_term - acc["colsum"] * kk
+    live_keys = live[:, None]
+    out = {}
+    if field:
+        out["term1"] = beta * mm(out_rows["delta_k"], wq.T)
+        out["term2"] = mm(acc["ut_ma"], wv.T) + beta * mm(key_term, wk.T)
+    if grad:
+        out["grad"] = (
+            beta * acc["dwq"],  # dW_Q
+            beta * mm(keys.T, jnp.where(live_keys, m * key_term, 0)),  # dW_K
+            mm(keys.T, jnp.where(live_keys, m * acc["ut_ma"], 0)),  # dW_V
+            acc["dwo"],  # dW_O
+        )
+    return out
+
+
+def _backward_rows(spec, wq, wo, rows, kk, v, weights, beta, mm):
+    """The backward pass restricted to a block of query rows: the row-local ``delta_k`` and the block's
+    additive contributions to the transposed products and to ``dW_Q``, ``dW_O``."""
+    live = weights > 0
+    m = weights[:, None]
+    x, p, w, idx = rows["x"], rows["p"], rows["w"], rows["i"]
+    m_rows = w[:, None]
+    live_rows = (w > 0)[:, None]
+    q = mm(x, wq)
     s = _scores(spec, q, kk, beta)
-    causal = _causal_mask(*s.shape) if spec.causal else None
+    causal = _causal_allowed(idx, kk.shape[0]) if spec.causal else None
     if spec.normalized:
         # Shift by the largest score over live (allowed) keys: u <= 1 on live keys and z_i >= the top
         # key's mass. A padding key may score far higher; its exponent is clamped so that u stays finite
@@ -84,7 +135,7 @@ def _head_backward(spec, wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, 
         allowed = live[None, :] if causal is None else live[None, :] & causal
         top = jnp.max(jnp.where(allowed, s, -jnp.inf), axis=-1, keepdims=True)
         top = jnp.where(jnp.isfinite(top), top, 0)
-        u = jnp.exp(jnp.minimum(s - top, _exp_cap(s.dtype)))  # (N, N): U_ij = u_ij / z_i
+        u = jnp.exp(jnp.minimum(s - top, _exp_cap(s.dtype)))  # (R, N): U_ij = u_ij / z_i
     elif spec.kind == "unnormalized":
         u = jnp.exp(jnp.where(live[None, :], s, jnp.minimum(s, _exp_cap(s.dtype))))
     else:  # sigmoid
@@ -92,13 +143,13 @@ def _head_backward(spec, wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, 
     if causal is not None:
         u = jnp.where(causal, u, 0)
     if spec.normalized:
-        z = u @ m  # (N, 1); 0 only for a zero-weight token with an empty (causal) prefix
+        z = u @ m  # (R, 1); 0 only for a zero-weight token with an empty (causal) prefix
         rz = jnp.where(z > 0, 1 / jnp.where(z > 0, z, 1), 0)
     else:
-        rz = jnp.ones_like(m)
-    vbar = mm(u, m * v) * rz  # (N, k): W_V^T ybar_i
-    a = mm(adjoints, wo)  # (N, k): a_i = W_O^T p_i
-    e = mm(a, v.T)  # (N, N): <a_i, W_V^T x_j>
+        rz = jnp.ones_like(m_rows)
+    vbar = mm(u, m * v) * rz  # (R, k): W_V^T ybar_i
+    a = mm(p, wo)  # (R, k): a_i = W_O^T p_i
+    e = mm(a, v.T)  # (R, N): <a_i, W_V^T x_j>
     if spec.normalized:
         # dev_ij = e_ij - ebar_i by one step of iterative refinement: centre at c_i = <a_i, vbar_i>, then
         # subtract sum_l w_il (e_il - c_i). When the softmax is nearly one-hot (large beta) the plain
@@ -109,29 +160,21 @@ def _head_backward(spec, wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, 
         ud = u * e
     else:
         ud = (u * (1 - u)) * e  # zero where masked, as u is
-    delta_k = mm(ud, m * kk) * rz  # (N, k): sum_j delta_ij W_K^T x_j
+    delta_k = mm(ud, m * kk) * rz  # (R, k): sum_j delta_ij W_K^T x_j
     # Transposed (Lions) products sum over query rows i with mass m_i r_i; dead rows are masked with
     # where (not multiplied by 0), so a non-finite adjoint at a padding token cannot leak.
-    ma = jnp.where(live_rows, m * a, 0) * rz
-    mq = jnp.where(live_rows, m * q, 0) * rz
-    ut_ma = mm(u.T, ma)  # (N, k): [U^T (m a)]
+    ma = jnp.where(live_rows, m_rows * a, 0) * rz
+    mq = jnp.where(live_rows, m_rows * q, 0) * rz
     udl = jnp.where(live_rows, ud, 0)
-    key_term = mm(udl.T, mq)  # (N, k): [(U * D)^T (m Q)], the score's derivative in the key
+    acc = {
+        "ut_ma": mm(u.T, ma),  # (N, k): [U^T (m a)]
+        "key_term": mm(udl.T, mq),  # (N, k): [(U * D)^T (m Q)], the score's derivative in the key
+        "dwq": mm(x.T, jnp.where(live_rows, m_rows * delta_k, 0)),
+        "dwo": mm(jnp.where(live_rows, m_rows * p, 0).T, vbar),
+    }
     if spec.kind == "l2":
-        key_term = key_term - (udl.T @ (jnp.where(live_rows, m, 0) * rz)) * kk
-    out = {}
-    if field:
-        out["term1"] = beta * mm(delta_k, wq.T)
-        out["term2"] = mm(ut_ma, wv.T) + beta * mm(key_term, wk.T)
-    if grad:
-        mp = jnp.where(live_rows, m * adjoints, 0)
-        out["grad"] = (
-            beta * mm(tokens.T, jnp.where(live_rows, m * delta_k, 0)),  # dW_Q
-            beta * mm(keys.T, jnp.where(live_rows, m * key_term, 0)),  # dW_K
-            mm(keys.T, jnp.where(live_rows, m * ut_ma, 0)),  # dW_V
-            mm(mp.T, vbar),  # dW_O
-        )
-    return out
+        acc["colsum"] = udl.T @ (jnp.where(live_rows, m_rows, 0) * rz)  # (N, 1)
+    return acc, {"delta_k": delta_k}
 
 
 def _backward(theta, tokens, adjoints, weights, beta, radius, *, field, grad, attention=None):

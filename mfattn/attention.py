@@ -106,6 +106,10 @@ class Attention:
         depth_exponent: ``alpha`` of the residual step ``L^-alpha`` (1: the paper's mean-field scaling and
             the only one with a depth limit; 1/2: the other regime).
         sinkhorn_iters: number of Sinkhorn iterations (``"sinkhorn"`` only).
+        chunk: ``None`` (all query rows at once) or a block size: attention is evaluated for blocks of
+            ``chunk`` query rows in a ``lax.scan`` (forward and hand backward; the backward's transposed
+            products accumulate over blocks), so one head holds ``O(chunk N)`` instead of ``O(N^2)``
+            numbers. Same results up to rounding; for large ``N`` on memory-bound devices.
         matmul_dtype: ``None`` (products in the input dtype) or e.g. ``"bfloat16"``: mixed precision, where
             the operands of every matrix product (projections, scores, weighted sums; forward and hand
             backward) are cast to this dtype and accumulated in the input dtype, while the softmax
@@ -126,6 +130,7 @@ class Attention:
     depth_exponent: float = 1.0
     sinkhorn_iters: int = 20
     matmul_dtype: str | None = None
+    chunk: int | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -154,6 +159,8 @@ class Attention:
                 dt = None
             if dt is None or not jnp.issubdtype(dt, jnp.floating):
                 raise ValueError(f"Attention: matmul_dtype must be a floating dtype name, got {self.matmul_dtype!r}.")
+        if self.chunk is not None and not (isinstance(self.chunk, int) and self.chunk >= 1):
+            raise ValueError(f"Attention: chunk must be None or a positive integer, got {self.chunk!r}.")
         if not (isinstance(self.sinkhorn_iters, int) and self.sinkhorn_iters >= 1):
             raise ValueError(f"Attention: sinkhorn_iters must be a positive integer, got {self.sinkhorn_iters!r}.")
 
@@ -228,10 +235,9 @@ def _scores(spec: Attention, q, kk, beta):
     return s
 
 
-def _causal_mask(nq: int, n: int):
-    if nq != n:
-        raise ValueError(f"causal attention needs the queries to be the tokens (Nq = N), got Nq = {nq}, N = {n}.")
-    return jnp.tril(jnp.ones((n, n), bool))
+def _causal_allowed(rows, n: int):
+    """``(R, N)``: key ``j`` is visible from query row ``rows[r]`` iff ``j <= rows[r]``."""
+    return jnp.arange(n)[None, :] <= rows[:, None]
 
 
 def _lse(a, weights, live, axis):
@@ -259,7 +265,7 @@ def sinkhorn_potentials(q_tok, kk, weights, beta, spec: Attention):
     return jax.lax.fori_loop(0, spec.sinkhorn_iters, body, jnp.zeros(kk.shape[0], s.dtype))
 
 
-def _head_weights(spec: Attention, q, kk, weights, beta, key_bias=None):
+def _head_weights(spec: Attention, q, kk, weights, beta, key_bias=None, rows=None):
     """The attention weights ``w_ij`` (``(Nq, N)``) of one head, rows summing to 1 when normalised."""
     live = weights > 0
     s = _scores(spec, q, kk, beta)
@@ -272,7 +278,7 @@ def _head_weights(spec: Attention, q, kk, weights, beta, key_bias=None):
         return weights[None, :] * jnp.exp(jnp.minimum(s + f, _exp_cap(s.dtype)))
     allowed = jnp.broadcast_to(live[None, :], s.shape)
     if spec.causal:
-        allowed = allowed & _causal_mask(*s.shape)
+        allowed = allowed & _causal_allowed(rows, s.shape[1])
     if spec.normalized:
         if not spec.causal:  # the common path: one fused softmax of s + log m
             return jax.nn.softmax(s + log_weights(weights)[None, :], axis=-1)
@@ -287,16 +293,28 @@ def _head_weights(spec: Attention, q, kk, weights, beta, key_bias=None):
 
 
 def _head_forward(spec, wq, wk, wv, wo, queries, tokens, keys, weights, beta):
-    """One head, all queries: ``(Nq, d)``. Work ``O(Nq N k)`` (times the iterations for Sinkhorn)."""
+    """One head, all queries: ``(Nq, d)``. Work ``O(Nq N k)`` (times the iterations for Sinkhorn); memory
+    ``O(Nq N)``, or ``O(chunk N)`` with ``spec.chunk`` (query rows in blocks)."""
     mm = _matmul(spec)
-    q = mm(queries, wq)  # (Nq, k)
     kk = mm(keys, wk)  # (N, k)
     v = mm(keys, wv)  # (N, k)
     bias = None
     if spec.kind == "sinkhorn":
         bias = sinkhorn_potentials(mm(tokens, wq), kk, weights, beta, spec)
-    w = _head_weights(spec, q, kk, weights, beta, bias)
-    return mm(mm(w, v), wo.T)
+
+    def block(xq, rows):
+        w = _head_weights(spec, mm(xq, wq), kk, weights, beta, bias, rows)
+        return mm(mm(w, v), wo.T)
+
+    nq = queries.shape[0]
+    rows = jnp.arange(nq)
+    if spec.chunk is None or spec.chunk >= nq:
+        return block(queries, rows)
+    nb = -(-nq // spec.chunk)
+    pad = nb * spec.chunk - nq
+    xq = jnp.pad(queries, [(0, pad), (0, 0)]).reshape(nb, spec.chunk, -1)
+    out = jax.lax.map(lambda a: block(*a), (xq, jnp.pad(rows, (0, pad)).reshape(nb, spec.chunk)))
+    return out.reshape(nb * spec.chunk, -1)[:nq]
 
 
 def velocity(
@@ -326,6 +344,11 @@ def velocity(
         ``(Nq, d)``. Work ``O(P Nq N k)``, memory ``O(P Nq N)``.
     """
     spec = as_attention(attention)
+    if spec.causal and queries.shape[0] != tokens.shape[0]:
+        raise ValueError(
+            f"causal attention needs the queries to be the tokens in order, got Nq = {queries.shape[0]}, "
+            f"N = {tokens.shape[0]}."
+        )
     keys = project_ball(tokens, radius)
     beta = beta * spec.scale(theta.wq.shape[-1])
     heads = jax.vmap(_head_forward, in_axes=(None, 0, 0, 0, 0, None, None, None, None, None))(
