@@ -55,7 +55,7 @@ from .attention import (
 __all__ = ["adjoint_field", "grad_map", "adjoint_field_and_grad_map"]
 
 
-def _head_backward(spec, wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, *, field, grad):
+def _head_backward(spec, wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, *, field, grad, cache=None):
     """One head's contribution to ``G`` (term1, term2 before ``DPi_R``) and its gradient map.
 
     Only two ``N x N`` arrays are formed besides the two score matrices: the kernel ``u`` and ``u * dev``;
@@ -76,8 +76,8 @@ def _head_backward(spec, wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, 
     v = mm(keys, wv)
     rows = dict(x=tokens, p=adjoints, w=weights, i=jnp.arange(n))
     chunk = spec.chunk
-    if chunk is None or chunk >= n:
-        acc, out_rows = _backward_rows(spec, wq, wo, rows, kk, v, weights, beta, mm)
+    if cache is not None or chunk is None or chunk >= n:
+        acc, out_rows = _backward_rows(spec, wq, wo, rows, kk, v, weights, beta, mm, cache)
     else:
         # Query rows in blocks of `chunk` (padded with dead rows): memory O(chunk N) per head. The
         # transposed (Lions) products and the gradients accumulate over the blocks.
@@ -117,15 +117,12 @@ def _head_backward(spec, wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, 
     return out
 
 
-def _backward_rows(spec, wq, wo, rows, kk, v, weights, beta, mm):
-    """The backward pass restricted to a block of query rows: the row-local ``delta_k`` and the block's
-    additive contributions to the transposed products and to ``dW_Q``, ``dW_O``."""
+def _kernel_rows(spec, q, kk, v, weights, beta, idx, mm):
+    """For a block of query rows (projected queries ``q``, row indices ``idx``): the kernel ``u``
+    (``(R, N)``), the row scalings ``r`` (``(R, 1)``; ``1/z`` when normalised) and ``vbar = W_V^T ybar``
+    (``(R, k)``), so that the head's output is ``vbar W_O^T``."""
     live = weights > 0
     m = weights[:, None]
-    x, p, w, idx = rows["x"], rows["p"], rows["w"], rows["i"]
-    m_rows = w[:, None]
-    live_rows = (w > 0)[:, None]
-    q = mm(x, wq)
     s = _scores(spec, q, kk, beta)
     causal = _causal_allowed(idx, kk.shape[0]) if spec.causal else None
     if spec.normalized:
@@ -146,8 +143,21 @@ def _backward_rows(spec, wq, wo, rows, kk, v, weights, beta, mm):
         z = u @ m  # (R, 1); 0 only for a zero-weight token with an empty (causal) prefix
         rz = jnp.where(z > 0, 1 / jnp.where(z > 0, z, 1), 0)
     else:
-        rz = jnp.ones_like(m_rows)
+        rz = jnp.ones((q.shape[0], 1), u.dtype)
     vbar = mm(u, m * v) * rz  # (R, k): W_V^T ybar_i
+    return u, rz, vbar
+
+
+def _backward_rows(spec, wq, wo, rows, kk, v, weights, beta, mm, cache=None):
+    """The backward pass restricted to a block of query rows: the row-local ``delta_k`` and the block's
+    additive contributions to the transposed products and to ``dW_Q``, ``dW_O``. ``cache`` holds the
+    forward pass's ``(u, r, vbar)`` for these rows (then no score is recomputed)."""
+    m = weights[:, None]
+    x, p, w, idx = rows["x"], rows["p"], rows["w"], rows["i"]
+    m_rows = w[:, None]
+    live_rows = (w > 0)[:, None]
+    q = mm(x, wq)
+    u, rz, vbar = _kernel_rows(spec, q, kk, v, weights, beta, idx, mm) if cache is None else cache
     a = mm(p, wo)  # (R, k): a_i = W_O^T p_i
     e = mm(a, v.T)  # (R, N): <a_i, W_V^T x_j>
     if spec.normalized:
@@ -177,17 +187,17 @@ def _backward_rows(spec, wq, wo, rows, kk, v, weights, beta, mm):
     return acc, {"delta_k": delta_k}
 
 
-def _backward(theta, tokens, adjoints, weights, beta, radius, *, field, grad, attention=None):
+def _backward(theta, tokens, adjoints, weights, beta, radius, *, field, grad, attention=None, cache=None):
     spec = as_attention(attention)
     beta = beta * spec.scale(theta.wq.shape[-1])
     if spec.kind == "sinkhorn":
         return _autodiff_backward(spec, theta, tokens, adjoints, weights, beta, radius, field=field, grad=grad)
     keys = project_ball(tokens, radius)
     per_head = jax.vmap(
-        lambda wq, wk, wv, wo: _head_backward(
-            spec, wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, field=field, grad=grad
+        lambda wq, wk, wv, wo, c: _head_backward(
+            spec, wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, field=field, grad=grad, cache=c
         )
-    )(theta.wq, theta.wk, theta.wv, theta.wo)
+    )(theta.wq, theta.wk, theta.wv, theta.wo, cache)
     g_field = None
     if field:
         term2 = jnp.mean(per_head["term2"], axis=0)
@@ -296,6 +306,24 @@ def grad_map(
     return _backward(theta, tokens, adjoints, weights, beta, radius, field=False, grad=True, attention=attention)[1]
 
 
+def cached_forward_layer(theta, tokens, weights, *, beta, radius=None, attention=None):
+    """One layer's velocity ``F`` (``(N, d)``) together with the per-head kernels ``(u, r, vbar)``
+    (leaves ``(P, N, N)``, ``(P, N, 1)``, ``(P, N, k)``) that :func:`adjoint_field_and_grad_map` accepts
+    as ``cache`` -- the backward pass then recomputes no score (``Attention(remat=False)``)."""
+    spec = as_attention(attention)
+    beta = beta * spec.scale(theta.wq.shape[-1])
+    keys = project_ball(tokens, radius)
+    mm = _matmul(spec)
+
+    def head(wq, wk, wv, wo):
+        kk, v = mm(keys, wk), mm(keys, wv)
+        u, rz, vbar = _kernel_rows(spec, mm(tokens, wq), kk, v, weights, beta, jnp.arange(tokens.shape[0]), mm)
+        return mm(vbar, wo.T), (u, rz, vbar)
+
+    out, cache = jax.vmap(head)(theta.wq, theta.wk, theta.wv, theta.wo)
+    return jnp.mean(out, axis=0), cache
+
+
 def adjoint_field_and_grad_map(
     theta,
     tokens: Float[Array, "N d"],
@@ -305,6 +333,10 @@ def adjoint_field_and_grad_map(
     beta,
     radius=None,
     attention: Attention | str | None = None,
+    cache=None,
 ):
-    """``(adjoint_field(...), grad_map(...))`` sharing one evaluation of the attention weights."""
-    return _backward(theta, tokens, adjoints, weights, beta, radius, field=True, grad=True, attention=attention)
+    """``(adjoint_field(...), grad_map(...))`` sharing one evaluation of the attention weights (or none,
+    given the forward pass's ``cache`` from :func:`cached_forward_layer`)."""
+    return _backward(
+        theta, tokens, adjoints, weights, beta, radius, field=True, grad=True, attention=attention, cache=cache
+    )

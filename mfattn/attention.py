@@ -110,6 +110,11 @@ class Attention:
             ``chunk`` query rows in a ``lax.scan`` (forward and hand backward; the backward's transposed
             products accumulate over blocks), so one head holds ``O(chunk N)`` instead of ``O(N^2)``
             numbers. Same results up to rounding; for large ``N`` on memory-bound devices.
+        remat: ``True`` (default, memory-lean): the hand backward pass recomputes each layer's attention
+            from the stored tokens, memory ``O(L N d + H N^2)``. ``False``: the fused hand path
+            (:func:`mfattn.value_and_grad_map`, :func:`mfattn.loss_and_grad`, training) keeps every layer's
+            kernel, normalisers and attended values from the forward pass, as autodiff does (memory
+            ``O(L H N^2)``), and recomputes no score. Closed-form kinds without ``chunk`` only.
         matmul_dtype: ``None`` (products in the input dtype) or e.g. ``"bfloat16"``: mixed precision, where
             the operands of every matrix product (projections, scores, weighted sums; forward and hand
             backward) are cast to this dtype and accumulated in the input dtype, while the softmax
@@ -131,6 +136,7 @@ class Attention:
     sinkhorn_iters: int = 20
     matmul_dtype: str | None = None
     chunk: int | None = None
+    remat: bool = True
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -161,6 +167,10 @@ class Attention:
                 raise ValueError(f"Attention: matmul_dtype must be a floating dtype name, got {self.matmul_dtype!r}.")
         if self.chunk is not None and not (isinstance(self.chunk, int) and self.chunk >= 1):
             raise ValueError(f"Attention: chunk must be None or a positive integer, got {self.chunk!r}.")
+        if not self.remat and (self.kind == "sinkhorn" or self.chunk is not None):
+            raise ValueError(
+                "Attention: remat=False (keep the forward's attention) needs a closed-form kind and no chunk."
+            )
         if not (isinstance(self.sinkhorn_iters, int) and self.sinkhorn_iters >= 1):
             raise ValueError(f"Attention: sinkhorn_iters must be a positive integer, got {self.sinkhorn_iters!r}.")
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
 from . import _checks
-from .adjoint import adjoint_field, adjoint_field_and_grad_map, grad_map
+from .adjoint import adjoint_field, adjoint_field_and_grad_map, cached_forward_layer, grad_map
 from .attention import SOFTMAX, Attention, as_attention, velocity
 from .losses import Loss
 from .params import Params
@@ -100,6 +100,8 @@ def _param_grad(params, trajectory, adjoints, weights, beta, radius, spec: Atten
 
 @eqx.filter_jit
 def _value_and_grad_map(params, tokens, weights, targets, loss, beta, radius, spec: Attention = SOFTMAX):
+    if not spec.remat:
+        return _value_and_grad_map_kept(params, tokens, weights, targets, loss, beta, radius, spec)
     trajectory = _forward(params, tokens, weights, beta, radius, spec)
     terminal = trajectory[-1]
     value = loss(terminal, weights, targets)
@@ -112,6 +114,30 @@ def _value_and_grad_map(params, tokens, weights, targets, loss, beta, radius, sp
         return q + step * field, g
 
     p0, g = jax.lax.scan(layer, loss.lions(terminal, weights, targets), (params, trajectory[:-1]), reverse=True)
+    return value, g, p0
+
+
+def _value_and_grad_map_kept(params, tokens, weights, targets, loss, beta, radius, spec):
+    """The fused path with each layer's attention kept from the forward pass (``remat=False``)."""
+    step = spec.step(params.depth)
+
+    def layer(x, theta):
+        f, cache = cached_forward_layer(theta, x, weights, beta=beta, radius=radius, attention=spec)
+        y = x + step * f
+        return (_normalize(y) if spec.residual == "sphere" else y), (x, cache)
+
+    terminal, (xs, caches) = jax.lax.scan(layer, tokens, params)
+    value = loss(terminal, weights, targets)
+
+    def back(p, inputs):
+        theta, x, cache = inputs
+        q = _pullback(spec, theta, x, p, weights, beta, radius, step)
+        field, g = adjoint_field_and_grad_map(
+            theta, x, q, weights, beta=beta, radius=radius, attention=spec, cache=cache
+        )
+        return q + step * field, g
+
+    p0, g = jax.lax.scan(back, loss.lions(terminal, weights, targets), (params, xs, caches), reverse=True)
     return value, g, p0
 
 

@@ -163,13 +163,15 @@ def test_mixed_precision_bfloat16_against_float32():
     [Attention(), Attention("l2", causal=True), Attention("sigmoid", causal=True, bias=0.2), Attention("unnormalized")],
     ids=["softmax", "causal-l2", "causal-sigmoid", "unnormalized"],
 )
-def test_query_chunks_give_the_same_numbers(spec):
-    """Query rows in blocks (N = 7 in blocks of 3: a padded last block) equal the unchunked kernels:
-    forward, adjoints and gradient maps, with a padding token, to 1e-12."""
+def test_query_chunks_and_kept_attention_give_the_same_numbers(spec):
+    """Query rows in blocks (N = 7 in blocks of 3: a padded last block) and the forward's attention kept
+    for the backward pass (remat=False) equal the default kernels: forward, adjoints and gradient maps,
+    with a padding token, to 1e-12."""
     c = Case(depth=2, heads=2, tokens=7, beta=2.0, radius=1.5)
     params, x0, m, targets = instance(c, spec)
     loss = TokenRegression()
     chunked = dataclasses.replace(spec, chunk=3)
+    kept = dataclasses.replace(spec, remat=False, residual="sphere" if spec.causal else "euler")
     results = []
     for s in (spec, chunked):
         traj = mfattn.forward(params, x0, beta=c.beta, weights=m, radius=c.radius, attention=s)
@@ -179,5 +181,16 @@ def test_query_chunks_give_the_same_numbers(spec):
         results.append((traj, value, g, p0))
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
         assert rel(b, a) <= 1e-12
+    # remat=False: the fused path keeps each layer's attention from the forward pass (with the normalised
+    # residual for the causal kinds, to cover its pullback); same numbers as recomputing it.
+    if kept.residual == "sphere":
+        x0 = x0 / jnp.linalg.norm(x0, axis=-1, keepdims=True)
+    kw = dict(beta=c.beta, weights=m, targets=targets, radius=c.radius)
+    expect = mfattn.value_and_grad_map(params, x0, loss, attention=dataclasses.replace(kept, remat=True), **kw)
+    got = mfattn.value_and_grad_map(params, x0, loss, attention=kept, **kw)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expect)):
+        assert rel(a, b) <= 1e-12
     with pytest.raises(ValueError, match="chunk"):
         Attention(chunk=0)
+    with pytest.raises(ValueError, match="remat"):
+        Attention(chunk=4, remat=False)
