@@ -6,12 +6,14 @@ implementation. Each error is ``|hand - autodiff| / |autodiff|`` in the Frobeniu
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .adjoint import _backward
-from .attention import velocity
+from .attention import as_attention, velocity
 from .losses import TokenRegression
 from .params import init_params
 from .particles import _adjoint, _forward, _param_grad
@@ -45,6 +47,7 @@ def gradcheck(
     beta: float = 1.0,
     seed: int = 0,
     padding: bool = True,
+    attention=None,
 ) -> dict[str, float]:
     """Largest relative errors of the hand path against autodiff, in float64.
 
@@ -52,7 +55,11 @@ def gradcheck(
     vs ``(1/m_i) jax.vjp`` in atom ``i``), ``adjoint`` (every ``p^l`` vs ``(1/m_i) d ell / d x_i^l``),
     ``param_grad`` (every ``g_{l,h}`` vs ``L H d ell / d theta_{l,h}``) and ``loss_and_grad``.
     Weights are random and non-uniform; with ``padding`` one token has weight 0 (when ``tokens > 1``).
+    ``attention`` selects the variant (:class:`~mfattn.Attention` or a kind string); the per-term split
+    ``jacobian``/``lions`` is reported for the closed-form kinds. With ``residual="sphere"`` the input
+    tokens are normalised onto the sphere.
     """
+    spec = as_attention(attention)
     with _x64():
         f64 = jnp.float64
         k = jax.random.split(jax.random.key(seed), 6)
@@ -69,45 +76,54 @@ def gradcheck(
         loss = TokenRegression()
         out = {}
 
+        if spec.residual == "sphere":
+            x0 = x0 / jnp.linalg.norm(x0, axis=-1, keepdims=True)
+        kernel = dataclasses.replace(spec, residual="euler", depth_exponent=1.0)
         theta = jax.tree.map(lambda x: x[0], params)
-        hand = _backward(theta, x0, p_rand, m, beta, None, field=True, grad=False)[0]
+        hand = _backward(theta, x0, p_rand, m, beta, None, field=True, grad=False, attention=kernel)[0]
         # J^T p at every query, by autodiff in the query argument only.
-        _, vjp_q = jax.vjp(lambda q: velocity(theta, q, x0, m, beta=beta), x0)
+        _, vjp_q = jax.vjp(lambda q: velocity(theta, q, x0, m, beta=beta, attention=kernel), x0)
         jac = vjp_q(p_rand)[0]
         # Coupling term: (1/m_i) d/dx_i of sum_j m_j <p_j, F(mu, x_j)> with the queries held fixed.
-        _, vjp_k = jax.vjp(lambda t: velocity(theta, x0, t, m, beta=beta), x0)
+        _, vjp_k = jax.vjp(lambda t: velocity(theta, x0, t, m, beta=beta, attention=kernel), x0)
         lions = vjp_k(m[:, None] * p_rand)[0] / jnp.where(m > 0, m, 1)[:, None]
-        out["jacobian+lions"] = _rel(hand[live], (jac + lions)[live])
-        term = jax.vmap(lambda wq, wk, wv, wo: _head_terms(wq, wk, wv, wo, x0, m, p_rand, beta))(
-            theta.wq, theta.wk, theta.wv, theta.wo
-        )
-        out["jacobian"] = _rel(jnp.mean(term[0], 0), jac)
-        out["lions"] = _rel(jnp.mean(term[1], 0)[live], lions[live])
+        if spec.kind != "sinkhorn":  # Sinkhorn's G *is* these vjps: comparing would be vacuous
+            out["jacobian+lions"] = _rel(hand[live], (jac + lions)[live])
+            scaled = beta * kernel.scale(head_dim)
+            term = jax.vmap(lambda wq, wk, wv, wo: _head_terms(kernel, wq, wk, wv, wo, x0, m, p_rand, scaled))(
+                theta.wq, theta.wk, theta.wv, theta.wo
+            )
+            out["jacobian"] = _rel(jnp.mean(term[0], 0), jac)
+            out["lions"] = _rel(jnp.mean(term[1], 0)[live], lions[live])
 
-        traj = _forward(params, x0, m, beta, None)
+        traj = _forward(params, x0, m, beta, None, spec)
         terminal = loss.lions(traj[-1], m, targets)
-        ps = _adjoint(params, traj, terminal, m, beta, None)
+        ps = _adjoint(params, traj, terminal, m, beta, None, spec)
+        step = spec.step(depth)
 
         def from_perturbation(eps):
             x = x0 + eps[0]
             for l in range(depth):
                 th = jax.tree.map(lambda a, l=l: a[l], params)
-                x = x + velocity(th, x, x, m, beta=beta) / depth + eps[l + 1]
+                x = x + step * velocity(th, x, x, m, beta=beta, attention=spec)
+                if spec.residual == "sphere":
+                    x = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+                x = x + eps[l + 1]
             return loss(x, m, targets)
 
         g_tokens = jax.grad(from_perturbation)(jnp.zeros((depth + 1, tokens, dim), f64))
         ref_p = g_tokens / jnp.where(m > 0, m, 1)[None, :, None]
         out["adjoint"] = _rel(ps[:, live], ref_p[:, live])
 
-        g = _param_grad(params, traj, ps, m, beta, None)
-        ref_g = jax.grad(lambda p: loss(_forward(p, x0, m, beta, None)[-1], m, targets))(params)
-        out["param_grad"] = max(_rel(a, depth * heads * b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)))
+        g = _param_grad(params, traj, ps, m, beta, None, spec)
+        ref_g = jax.grad(lambda p: loss(_forward(p, x0, m, beta, None, spec)[-1], m, targets))(params)
+        scale = heads / step
+        out["param_grad"] = max(_rel(a, scale * b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)))
         return out
 
 
-def _head_terms(wq, wk, wv, wo, x0, m, p, beta):
+def _head_terms(spec, wq, wk, wv, wo, x0, m, p, beta):
     from .adjoint import _head_backward
-    from .attention import SOFTMAX
 
-    o = _head_backward(SOFTMAX, wq, wk, wv, wo, x0, x0, m, p, beta, field=True, grad=False)
+    o = _head_backward(spec, wq, wk, wv, wo, x0, x0, m, p, beta, field=True, grad=False)
     return o["term1"], o["term2"]

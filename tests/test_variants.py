@@ -24,6 +24,7 @@ from mfattn import Attention
 from mfattn.losses import TokenRegression
 
 RTOL = 1e-10
+MEASURED: dict = {}  # (variant, case) -> errors, for reports (see the closing note)
 
 VARIANTS = {
     "unnormalized": Attention("unnormalized"),
@@ -127,6 +128,7 @@ def test_variant_against_oracle(name, c):
         "adjoints": rel(ps, expect_p),
         "loss_and_grad": rel(flat(grads), flat(expect_g)),
     }
+    MEASURED[name, str(c)] = errors
     bad = {k: v for k, v in errors.items() if not v <= RTOL}
     assert not bad, f"{name} {c}: relative errors above {RTOL:.0e}: {bad} (all: {errors})"
 
