@@ -400,9 +400,12 @@ def test_l2_velocity_matches_monte_carlo(getkey):
         closed = jax.vmap(lambda x: l2_gaussian_velocity(theta, mean, cov, x, beta=beta))(queries)
         untilted = jax.vmap(lambda x: l2_gaussian_velocity(theta, mean, cov, x, beta=0.0))(queries)
         softmax = jax.vmap(lambda x: gaussian_velocity(theta, mean, cov, x, beta=beta))(queries)
-        return est(ys), per_batch, ess, closed, untilted, softmax
+        library = mfattn.velocity(theta, queries, ys, jnp.full(n, 1.0 / n), beta=beta, attention="l2")
+        return est(ys), per_batch, ess, closed, untilted, softmax, library
 
-    full, per_batch, ess, closed, untilted, softmax = run(ys)
+    full, per_batch, ess, closed, untilted, softmax, library = run(ys)
+    # the library's L2 kernel is the same estimator as the naive one written here
+    np.testing.assert_allclose(library, full, rtol=1e-10, atol=1e-12)
     tol = 5 * jnp.std(per_batch, axis=0, ddof=1) / np.sqrt(batches)
     assert float(jnp.min(ess)) >= n / 8
     assert float(jnp.max(jnp.abs(full - closed) / tol)) <= 1.0
