@@ -16,13 +16,18 @@ The public API is small and functional:
 * :mod:`mfattn.train` -- a jitted training step and a resumable training loop;
 * :mod:`mfattn.limit` -- the mean-field limit: parameter ensembles on a depth grid, the forward-backward
   McKean-Vlasov ODE in Diffrax, ensemble training and the coupled discrete parameters;
-* :mod:`mfattn.gaussian` -- the Gaussian closure of the limit (mean and covariance ODEs).
+* :mod:`mfattn.gaussian` -- the Gaussian closures of the limit (softmax and L2; mean and covariance ODEs);
+* :mod:`mfattn.metrics` -- discrepancies and their supremum over inputs; clustering diagnostics (diameter,
+  clusters, aligned pairs, Wasserstein-2);
+* :mod:`mfattn.phase` -- the clustering phase diagram over (time, beta) on the sphere (``mfattn phase``).
 """
 
 from . import gaussian as gaussian
 from . import limit as limit
 from . import losses as losses
+from . import metrics as metrics
 from . import optim as optim
+from . import phase as phase
 from . import sharding as sharding
 from . import tasks as tasks
 from . import train as train
@@ -67,6 +72,8 @@ __all__ = [
     "adjoint_field",
     "grad_map",
     "losses",
+    "metrics",
+    "phase",
     "gaussian",
     "limit",
     "optim",

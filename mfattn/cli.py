@@ -10,12 +10,20 @@ same DIR resumes);
 
 runs the float64 comparison of the hand-derived backward pass against autodiff on a random instance
 of the given size and prints the largest relative error of each quantity (exit status 1 if any
-exceeds ``--tol``).
+exceeds ``--tol``);
+
+    mfattn phase [--out DIR] [--tokens 32] [--betas 0:9:19] [--time 60] [--steps 600] [--seeds 16] [--quick]
+
+draws the clustering phase diagram of self-attention on the circle (Geshkovski et al.): the fraction of
+aligned token pairs over (time, beta) for d = 2, W_Q = W_K = W_V = I and the normalised residual, averaged
+over random initial conditions, and prints per beta the time to 90% aligned pairs (phase.png, phase.json
+and phase.csv in DIR; about 8 s on a 2-core CPU, ``--quick`` a few seconds).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -72,6 +80,37 @@ def _rates(args) -> int:
     return 0
 
 
+def _phase_config(args):
+    """The :class:`~mfattn.phase.PhaseConfig` of the command line: ``--quick`` or the default, with the
+    options given overriding it (``ValueError`` if invalid)."""
+    from .phase import QUICK, PhaseConfig
+
+    overrides = {
+        name: getattr(args, name)
+        for name in ("tokens", "betas", "time", "steps", "seeds", "threshold", "seed")
+        if getattr(args, name) is not None
+    }
+    return dataclasses.replace(QUICK if args.quick else PhaseConfig(), **overrides)
+
+
+def _phase(args) -> int:
+    from .phase import run, summary_line
+
+    cfg = _phase_config(args)
+    out = args.out or ("runs/phase-quick" if args.quick else "runs/phase")
+    t0 = time.perf_counter()
+    result = run(cfg, out)
+    elapsed = time.perf_counter() - t0
+    print(
+        f"mfattn phase: N={cfg.tokens} d={cfg.dim} T={cfg.time:g} L={cfg.steps} (step {cfg.time / cfg.steps:g}) "
+        f"seeds={cfg.seeds} threshold={cfg.threshold:g}"
+    )
+    print(result["table"])
+    print(summary_line(result, cfg))
+    print(f"phase.png, phase.json and phase.csv in {out}/ ({elapsed:.1f} s)")
+    return 0
+
+
 def _interval(fit: dict, name: str) -> str:
     """``estimate [lo, hi]`` from a fits.fit_rate result with bootstrap intervals in ``fit["ci"]``."""
     est = fit.get(name)
@@ -81,6 +120,15 @@ def _interval(fit: dict, name: str) -> str:
     if lo_hi and None not in lo_hi:
         return f"{est:.2f} [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]"
     return f"{est:.2f}"
+
+
+def _betas(text: str):
+    from .phase import parse_betas
+
+    try:
+        return parse_betas(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--quick", action="store_true", help="a small configuration (about a minute) for smoke tests")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=_rates)
+    ph = sub.add_parser("phase", help="clustering phase diagram on the circle: aligned pairs over (time, beta)")
+    ph.add_argument("--out", default=None, help="output folder (default runs/phase, or runs/phase-quick)")
+    ph.add_argument("--tokens", type=int, default=None, help="N, tokens (default 32)")
+    ph.add_argument(
+        "--betas", type=_betas, default=None, help="list 'b1,b2,...' or range 'start:stop:count' (default 0:9:19)"
+    )
+    ph.add_argument("--time", type=float, default=None, help="final time T (default 60)")
+    ph.add_argument("--steps", type=int, default=None, help="L, layers = time steps of size T/L (default 600)")
+    ph.add_argument("--seeds", type=int, default=None, help="random initial conditions per beta (default 16)")
+    ph.add_argument("--threshold", type=float, default=None, help="aligned: <x_i, x_j> > 1 - threshold (1e-2)")
+    ph.add_argument("--seed", type=int, default=None, help="PRNG seed of the initial conditions (default 0)")
+    ph.add_argument("--quick", action="store_true", help="a small configuration (a few seconds) for smoke tests")
+    ph.set_defaults(func=_phase)
     args = parser.parse_args(argv)
     if args.command == "gradcheck":
         for name in ("depth", "heads", "tokens", "dim", "head_dim"):
@@ -110,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--{name.replace('_', '-')} must be a positive integer")
         if args.beta < 0:
             parser.error("--beta must be >= 0")
+    if args.command == "phase":
+        try:
+            _phase_config(args)
+        except ValueError as err:
+            parser.error(str(err))
     return args.func(args)
 
 
