@@ -7,6 +7,7 @@ as depth and heads grow, and fits the rates (results.csv, summary.json and plots
 same DIR resumes);
 
     mfattn gradcheck [--depth 4 --heads 3 --tokens 7 --dim 5 --head-dim 3 --beta 1.0 --seed 0]
+                     [--attention softmax|unnormalized|l2|sigmoid|sinkhorn --causal --sphere]
 
 runs the float64 comparison of the hand-derived backward pass against autodiff on a random instance
 of the given size and prints the largest relative error of each quantity (exit status 1 if any
@@ -31,6 +32,7 @@ import time
 def _gradcheck(args) -> int:
     import jax
 
+    from .attention import Attention
     from .gradcheck import gradcheck
 
     t0 = time.perf_counter()
@@ -43,11 +45,13 @@ def _gradcheck(args) -> int:
         beta=args.beta,
         seed=args.seed,
         padding=not args.no_padding,
+        attention=Attention(args.attention, causal=args.causal, residual="sphere" if args.sphere else "euler"),
     )
     elapsed = time.perf_counter() - t0
     print(
         f"mfattn gradcheck: L={args.depth} H={args.heads} N={args.tokens} d={args.dim} k={args.head_dim} "
-        f"beta={args.beta} seed={args.seed} padding={not args.no_padding} (float64, {jax.default_backend()})"
+        f"beta={args.beta} seed={args.seed} padding={not args.no_padding} attention={args.attention}"
+        f"{' causal' if args.causal else ''}{' sphere' if args.sphere else ''} (float64, {jax.default_backend()})"
     )
     print(f"{'quantity':<18} {'rel. error':>12}  status")
     worst = 0.0
@@ -144,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-padding", action="store_true", help="no zero-weight token")
     g.add_argument("--tol", type=float, default=1e-9, help="largest acceptable relative error")
+    g.add_argument(
+        "--attention",
+        default="softmax",
+        choices=["softmax", "unnormalized", "l2", "sigmoid", "sinkhorn"],
+        help="attention kernel (see mfattn.Attention)",
+    )
+    g.add_argument("--causal", action="store_true", help="causal masking")
+    g.add_argument("--sphere", action="store_true", help="normalised residual (tokens on the unit sphere)")
     g.set_defaults(func=_gradcheck)
     r = sub.add_parser("rates", help="discrete-to-limit convergence rates, uniformly over inputs (the main job)")
     r.add_argument("--config", default=None, help="TOML file overriding the built-in default configuration")
@@ -171,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--{name.replace('_', '-')} must be a positive integer")
         if args.beta < 0:
             parser.error("--beta must be >= 0")
+        if args.causal and args.attention == "sinkhorn":
+            parser.error("--causal is not defined for sinkhorn attention")
     if args.command == "phase":
         try:
             _phase_config(args)
