@@ -6,45 +6,33 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
 
 import jax
 
+from mfattn import bench as _bench
 
-def measure(fn, *args, repeats: int = 5, min_time: float = 0.0) -> dict:
+
+def measure(fn, *args, repeats: int = 5, min_time: float = 0.0, **kwargs) -> dict:
     """Compile ``jax.jit(fn)`` for ``args``; return compile seconds, median run seconds and memory.
 
     Memory is XLA's buffer assignment of the compiled program (``memory_analysis``): ``temp`` is the
     scratch space it needs beyond its arguments and outputs -- the quantity that grows when a backward
-    pass stores per-layer activations.
+    pass stores per-layer activations; ``peak_bytes`` adds the arguments and outputs. The same measurement
+    as ``mfattn bench`` (:func:`mfattn.bench.measure`; pass ``flops=`` for GFLOP/s), without clearing JAX's
+    caches first unless ``fresh=True``.
     """
-    jitted = jax.jit(fn)
-    t0 = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    t_start = time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - t_start < min_time and len(times) < 50):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    out = {"compile_s": compile_s, "median_s": statistics.median(times), "min_s": min(times), "repeats": len(times)}
-    if mem is not None:
-        out["temp_bytes"] = int(mem.temp_size_in_bytes)
-        out["arg_bytes"] = int(mem.argument_size_in_bytes)
-        out["out_bytes"] = int(mem.output_size_in_bytes)
-    return out
+    kwargs.setdefault("fresh", False)
+    return _bench.measure(fn, *args, repeats=repeats, min_time=min_time, **kwargs)
 
 
-def compile_seconds(fn, *args) -> float:
-    """Trace + lower + compile time of ``fn`` with every JAX cache cleared first."""
-    jax.clear_caches()
-    t0 = time.perf_counter()
-    jax.jit(fn).lower(*args).compile()
-    return time.perf_counter() - t0
+def compile_seconds(fn, *args, repeats: int = 1) -> float:
+    """Trace + lower + compile time of ``fn`` with every JAX cache cleared first (best of ``repeats``)."""
+    return _bench.compile_seconds(fn, *args, repeats=repeats)
+
+
+def matmul_gflops(n: int = 2048) -> float:
+    """The machine's float32 matmul rate ``2 n^3 / t`` (GFLOP/s), for comparing achieved rates."""
+    return _bench.matmul_rate(n)["gflops"]
 
 
 def temp_bytes(fn, *args) -> int:

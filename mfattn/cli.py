@@ -18,7 +18,13 @@ exceeds ``--tol``);
 draws the clustering phase diagram of self-attention on the circle (Geshkovski et al.): the fraction of
 aligned token pairs over (time, beta) for d = 2, W_Q = W_K = W_V = I and the normalised residual, averaged
 over random initial conditions, and prints per beta the time to 90% aligned pairs (phase.png, phase.json
-and phase.csv in DIR; about 8 s on a 2-core CPU, ``--quick`` a few seconds).
+and phase.csv in DIR; about 8 s on a 2-core CPU, ``--quick`` a few seconds);
+
+    mfattn bench [--quick] [--only NAME] [--rates] [--out FILE.json]
+
+runs the benchmark suite (forward, hand backward variants beside jax.value_and_grad, a training step,
+compile time against depth, the limit, optionally the default rates run) and prints one table of times,
+compile times, peak memory and GFLOP/s against the machine's measured matmul rate, with the targets.
 """
 
 from __future__ import annotations
@@ -176,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     ph.add_argument("--seed", type=int, default=None, help="PRNG seed of the initial conditions (default 0)")
     ph.add_argument("--quick", action="store_true", help="a small configuration (a few seconds) for smoke tests")
     ph.set_defaults(func=_phase)
+    from . import bench
+
+    b = sub.add_parser("bench", help="the benchmark suite: times, compile, memory, GFLOP/s against matmul, targets")
+    bench.add_arguments(b)
+    b.set_defaults(func=bench.run_from_args)
     args = parser.parse_args(argv)
     if args.command == "gradcheck":
         for name in ("depth", "heads", "tokens", "dim", "head_dim"):
