@@ -47,6 +47,7 @@ from .attention import (
     _matmul,
     _scores,
     as_attention,
+    over_heads,
     project_ball,
     project_ball_vjp,
     velocity,
@@ -193,11 +194,13 @@ def _backward(theta, tokens, adjoints, weights, beta, radius, *, field, grad, at
     if spec.kind == "sinkhorn":
         return _autodiff_backward(spec, theta, tokens, adjoints, weights, beta, radius, field=field, grad=grad)
     keys = project_ball(tokens, radius)
-    per_head = jax.vmap(
+    per_head = over_heads(
         lambda wq, wk, wv, wo, c: _head_backward(
             spec, wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, field=field, grad=grad, cache=c
-        )
-    )(theta.wq, theta.wk, theta.wv, theta.wo, cache)
+        ),
+        (theta.wq, theta.wk, theta.wv, theta.wo, cache),
+        tokens.shape[0],
+    )
     g_field = None
     if field:
         term2 = jnp.mean(per_head["term2"], axis=0)
@@ -320,7 +323,7 @@ def cached_forward_layer(theta, tokens, weights, *, beta, radius=None, attention
         u, rz, vbar = _kernel_rows(spec, mm(tokens, wq), kk, v, weights, beta, jnp.arange(tokens.shape[0]), mm)
         return mm(vbar, wo.T), (u, rz, vbar)
 
-    out, cache = jax.vmap(head)(theta.wq, theta.wk, theta.wv, theta.wo)
+    out, cache = over_heads(head, (theta.wq, theta.wk, theta.wv, theta.wo), tokens.shape[0])
     return jnp.mean(out, axis=0), cache
 
 
