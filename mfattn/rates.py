@@ -15,9 +15,29 @@ At training steps ``0``, ``K/2`` and ``K`` it records the pointwise error (mean 
 over a test set mixing input families, then projected gradient ascent from the worst of them), the parameter
 gap ``max_{l,h} |theta_{l,h} - theta_bar_{l,h}|`` of Lemma 6, and the limit's Monte-Carlo error.
 
+The task (``task`` in the configuration). The adjoint's terminal condition ``p(1) = d_mu ell(mu_1)`` needs the
+data ``y`` of the loss at every input where the error is measured, including the adversarial inputs of the
+supremum search, which no data set contains. So a task here must define its target for *any* token sequence
+(``task.target(tokens, weights)``), not only for its own samples:
+
+* ``"teacher_student"`` (default; :class:`mfattn.tasks.TeacherStudent`): inputs uniform in the ball, targets
+  the terminal tokens of a fixed random teacher transformer (``teacher_depth`` x ``teacher_heads`` heads),
+  token regression ``sum_i m_i |x_i^L - y_i|^2 / 2``. The teacher maps any input to its target.
+* ``"target_measure"`` (:class:`mfattn.tasks.TargetMeasure`): inputs uniform in the ball, transported to one
+  fixed target measure ``rho`` (``target_points`` points drawn once in the ball), loss ``MMD^2(mu^L, rho) / 2``
+  with a Gaussian kernel of width ``mmd_bandwidth``. The target does not depend on the input at all, and the
+  loss is a genuine function of the terminal measure (paper Remark 5): its Lions derivative couples the
+  tokens through the kernel, unlike token regression.
+
+Tasks whose targets exist only for their own samples (in-context regression's hidden label, denoising's clean
+tokens) are left out: for them the uniform error is not defined without a further modelling choice (e.g. the
+ridge predictor of the context as in-context regression's target for an arbitrary sequence).
+
 The seeds run together, vmapped (and split over the local devices when they divide evenly); all (L, H) points
-of a group share one compiled program. Rows are appended to ``results.csv`` as each is computed; a rerun with
-the same output folder skips what is there. ``mfattn.fits`` then fits ``err = a L^-1 + b L^-alpha H^-gamma``
+of a group share one compiled program, and groups of the same shapes share them too (the training step's
+gradients are computed apart from the optimizer's update, so the d sweep's AdamW and blockwise AdamW groups
+compile them once). Rows are appended to ``results.csv`` as each is computed; a rerun with the same output
+folder skips what is there. ``mfattn.fits`` then fits ``err = a L^-1 + b L^-alpha H^-gamma``
 and power laws along each axis, with bootstrap intervals over seeds, and draws the plots.
 """
 
@@ -25,6 +45,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -45,10 +66,14 @@ from .limit import _dense_forward_backward, _settings
 from .metrics import discrepancy, input_families, projected_ascent
 from .params import Params, init_params
 from .particles import _adjoint, _forward
-from .tasks import TeacherStudent
-from .train import train_step
+from .tasks import TargetMeasure, TeacherStudent
+from .train import batch_grad_map
 
-__all__ = ["RatesConfig", "QUICK", "run", "load_config", "COLUMNS"]
+__all__ = ["RatesConfig", "QUICK", "TASKS", "run", "load_config", "COLUMNS"]
+
+#: The tasks ``RatesConfig.task`` accepts: each defines its target for *any* input sequence (see the module
+#: docstring), which the adjoint's terminal condition at an adversarial input needs.
+TASKS = ("teacher_student", "target_measure")
 
 COLUMNS = [
     "sweep", "optimizer", "depth", "heads", "num_tokens", "dim", "seed", "step",
@@ -63,17 +88,24 @@ class RatesConfig:
 
     The default finishes in about 5 minutes on a 2-core CPU and shows the depth and head dependence; the
     ``N`` and ``d`` sweeps (each needs its own limit) are off by default: list values in ``tokens_sweep``
-    or ``dims_sweep`` to run them at ``(depth_ref, heads_ref)``.
+    or ``dims_sweep`` to run them at ``(depth_ref, heads_ref)``. The N sweep uses ``optimizer``; the d sweep
+    runs every width under both AdamW and blockwise AdamW, from the same initialisation and data stream
+    (paired), so that their slopes in ``d`` compare the optimizers only. ``task`` is one of :data:`TASKS`
+    (see the module docstring).
     """
 
-    # model and data (teacher-student: inputs uniform in the ball, targets from a random teacher)
+    # model and data: inputs uniform in the ball of radius R; targets from a random teacher transformer
+    # ("teacher_student", token regression) or a fixed target cloud ("target_measure", MMD loss)
+    task: str = "teacher_student"
     dim: int = 2
     head_dim: int = 2
     num_tokens: int = 4
     beta: float = 1.0
     radius: float = 1.0
-    teacher_depth: int = 2
+    teacher_depth: int = 2  # teacher_student: the teacher's L and H
     teacher_heads: int = 2
+    target_points: int = 8  # target_measure: M points of the target measure, Gaussian kernel width
+    mmd_bandwidth: float = 0.5
     task_seed: int = 1234
     # sweeps
     depths: Sequence[int] = (1, 2, 4, 8, 16)
@@ -109,8 +141,10 @@ class RatesConfig:
     shard_seeds: bool = True  # split the (vmapped) seeds over all local devices when they divide evenly
 
     def validate(self) -> RatesConfig:
-        for name in ("dim", "head_dim", "num_tokens", "teacher_depth", "teacher_heads", "depth_ref", "heads_ref",
-                     "seeds", "batch_size", "particles", "test_per_family"):  # fmt: skip
+        if self.task not in TASKS:
+            raise ValueError(f"rates config: task must be one of {TASKS}, got {self.task!r}.")
+        for name in ("dim", "head_dim", "num_tokens", "teacher_depth", "teacher_heads", "target_points",
+                     "depth_ref", "heads_ref", "seeds", "batch_size", "particles", "test_per_family"):  # fmt: skip
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"rates config: {name} must be a positive integer, got {v!r}.")
@@ -136,6 +170,8 @@ class RatesConfig:
                 raise ValueError(f"rates config: {name} must list positive integers, got {v!r}.")
         if not self.beta >= 0 or not self.radius > 0:
             raise ValueError(f"rates config: need beta >= 0 and radius > 0, got {self.beta}, {self.radius}.")
+        if not self.mmd_bandwidth > 0:
+            raise ValueError(f"rates config: mmd_bandwidth must be > 0, got {self.mmd_bandwidth}.")
         if self.optimizer not in ("adamw", "blockwise_adamw"):
             raise ValueError(f"rates config: optimizer must be 'adamw' or 'blockwise_adamw', got {self.optimizer!r}.")
         if self.precision not in ("float32", "float64"):
@@ -174,8 +210,24 @@ def load_config(path: str | None = None, *, quick: bool = False) -> RatesConfig:
 
 
 def _make_optimizer(cfg: RatesConfig, name: str):
+    return _optimizer(name, cfg.learning_rate, cfg.b1, cfg.b2, cfg.weight_decay)
+
+
+def _optimizer(name: str, learning_rate, b1, b2, weight_decay):
+    """One optimizer object per setting: ``filter_jit`` keys on its (closure) functions, so a fresh one per
+    group would recompile the update for groups of the same shapes."""
+    try:
+        return _cached_optimizer(name, learning_rate, b1, b2, weight_decay)
+    except TypeError:  # unhashable settings (e.g. a list from a TOML file): let the optimizer report them
+        return _new_optimizer(name, learning_rate, b1, b2, weight_decay)
+
+
+def _new_optimizer(name, learning_rate, b1, b2, weight_decay):
     make = optim.adamw if name == "adamw" else optim.blockwise_adamw
-    return make(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    return make(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay)
+
+
+_cached_optimizer = functools.lru_cache(maxsize=16)(_new_optimizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,13 +298,14 @@ def _param_gap(a: Params, b: Params):
 class _Models(eqx.Module):
     """Jitted pieces for one group (shapes fixed by the group, so each compiles once for all seeds)."""
 
-    task: TeacherStudent
+    task: TeacherStudent | TargetMeasure
     beta: jax.Array
     grid: jax.Array
     settings: object
 
-    def teacher(self, x, w):
-        return _forward(self.task.teacher, x, w, self.task.beta, None)[-1]
+    def target(self, x, w):
+        """The task's target for any input sequence ``x`` (the terminal condition's data)."""
+        return self.task.target(x, w)
 
     def limit_traj(self, ens, x, w, y, depth: int):
         """Limit tokens and adjoints at ``t_l = l / depth``, ``l = 0..depth``: two ``(depth+1, N, d)``."""
@@ -279,7 +332,7 @@ class _Models(eqx.Module):
 
     def errs(self, discrete, ens, x, w, lmax: int):
         """``err(x)`` of every sweep point against one limit solve: ``(P,)``."""
-        y = self.teacher(x, w)
+        y = self.target(x, w)
         xl, pl = self.limit_traj(ens, x, w, y, lmax)
         return self.point_errs(discrete, x, w, y, xl, pl, lmax)
 
@@ -295,7 +348,7 @@ def _errs(models: _Models, discrete, ensembles, xs, w, lmax: int):
     ens_a = jax.tree.map(lambda a: a[0], ensembles)
 
     def one(x):
-        y = models.teacher(x, w)
+        y = models.target(x, w)
         xl, pl = models.limit_traj(ens_a, x, w, y, lmax)
         errs = models.point_errs(discrete, x, w, y, xl, pl, lmax)
         if ensembles.wq.shape[0] > 1:
@@ -314,28 +367,18 @@ def _point_errs_and_grads(models: _Models, discrete, ens, xs, w, idx, lmax: int)
     return jax.vmap(jax.value_and_grad(lambda x, i: models.errs(discrete, ens, x, w, lmax)[i]))(xs, idx)
 
 
-@eqx.filter_jit
-def _limit_step(ensembles, opt_states, coupled, coupled_opt, batch, loss, optimizer, beta, grid, settings):
-    """One optimizer step of the stacked ensembles (A, and B for the Monte-Carlo check; vmapped, so the
-    body compiles once) and of the coupled heads, which follow ensemble A's gradients (paper eq. 23)."""
-    tokens, weights, targets = batch
-
-    def grads(ens):
-        return limit._batch_grad_map(ens, tokens, weights, targets, loss, beta, None, grid, "linear", settings, coupled)
-
-    _, g_ens, g_c = jax.vmap(grads)(ensembles)
-    updates, opt_states = jax.vmap(optimizer.update)(g_ens, opt_states, ensembles)
-    ensembles = optax.apply_updates(ensembles, updates)
-    updates, coupled_opt = optimizer.update(jax.tree.map(lambda a: a[0], g_c), coupled_opt, coupled)
-    return ensembles, opt_states, optax.apply_updates(coupled, updates), coupled_opt
-
-
-@eqx.filter_jit
-def _discrete_step(params, opt_state, batch, loss, optimizer, beta):
-    return train_step(params, opt_state, batch, loss=loss, optimizer=optimizer, beta=beta)[:2]
-
-
 _SETUP_CACHE: dict = {}
+
+
+def _make_task(cfg: RatesConfig, group: _Group, dtype):
+    d, n = group.dim, group.num_tokens
+    if cfg.task == "target_measure":
+        return TargetMeasure(d, n, num_points=cfg.target_points, radius=cfg.radius, bandwidth=cfg.mmd_bandwidth,
+                             seed=cfg.task_seed, dtype=dtype)  # fmt: skip
+    return TeacherStudent.random(
+        jax.random.key(cfg.task_seed), dim=d, depth=cfg.teacher_depth, heads=cfg.teacher_heads,
+        head_dim=cfg.head_dim, beta=cfg.beta, num_tokens=n, radius=cfg.radius, dtype=dtype,
+    )  # fmt: skip
 
 
 def _group_setup(cfg: RatesConfig, group: _Group, dtype):
@@ -343,11 +386,7 @@ def _group_setup(cfg: RatesConfig, group: _Group, dtype):
     keys on these objects, so rebuilding them per seed would recompile everything."""
     key = (json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str), group, str(dtype))
     if key not in _SETUP_CACHE:
-        d, n = group.dim, group.num_tokens
-        task = TeacherStudent.random(
-            jax.random.key(cfg.task_seed), dim=d, depth=cfg.teacher_depth, heads=cfg.teacher_heads,
-            head_dim=cfg.head_dim, beta=cfg.beta, num_tokens=n, radius=cfg.radius, dtype=dtype,
-        )  # fmt: skip
+        task = _make_task(cfg, group, dtype)
         opt = _make_optimizer(cfg, group.optimizer)
         grid = limit.uniform_grid(cfg.grid_size, dtype)
         beta = jnp.asarray(cfg.beta, dtype)
@@ -368,8 +407,10 @@ def _init_seed(cfg: RatesConfig, group: _Group, seed: int, task, opt, dtype) -> 
     """Everything one seed starts from (arrays only, so that seeds can be stacked and vmapped)."""
     k_head, d, n = cfg.head_dim, group.dim, group.num_tokens
     # zlib.crc32, not hash(): Python's str hash changes between processes, and a resumed run must
-    # regenerate exactly the same models and data.
-    tag = zlib.crc32(repr((group.sweep, n, d, group.optimizer)).encode()) % (2**31)
+    # regenerate exactly the same models and data. The d sweep's two optimizers share the tag: AdamW and
+    # blockwise AdamW start from the same heads and ensembles and see the same data (a paired comparison).
+    fields = (group.sweep, n, d) if group.sweep == "d" else (group.sweep, n, d, group.optimizer)
+    tag = zlib.crc32(repr(fields).encode()) % (2**31)
     key = jax.random.fold_in(jax.random.key(seed), tag)
     k_ens, k_mc, k_disc, k_data, k_test = jax.random.split(key, 5)
     init_kw = dict(init=cfg.init, scale=cfg.init_scale, dtype=dtype)
@@ -395,24 +436,57 @@ def _init_seed(cfg: RatesConfig, group: _Group, seed: int, task, opt, dtype) -> 
     }
 
 
+_PARAMS = ("ensembles", "coupled", "discrete")  # the trained parameters of a seed's state
+
+
 @eqx.filter_jit
+def _grads_seeds(params: dict, data_key, loss, beta, grid, settings, sample, batch_size: int, step):
+    """The gradients of one training step of every seed (vmapped), each seed on its own data stream (shared
+    by its discrete models and its limit): the stacked ensembles (A, and B for the Monte-Carlo check;
+    vmapped, so the body compiles once), the coupled heads, which follow ensemble A's gradients (paper eq.
+    23), and the discrete model of every sweep point (its own gradients, hand adjoint). Independent of the
+    optimizer, so that one compilation serves AdamW and blockwise AdamW (the d sweep runs both)."""
+
+    def one(st, data_key):
+        b = sample(jax.random.fold_in(jax.random.wrap_key_data(data_key), step), batch_size)
+        tokens, weights, targets = b.tokens, b.weights, b.targets
+
+        def limit_grads(ens):
+            return limit._batch_grad_map(
+                ens, tokens, weights, targets, loss, beta, None, grid, "linear", settings, st["coupled"]
+            )
+
+        _, g_ens, g_c = jax.vmap(limit_grads)(st["ensembles"])
+        g_disc = tuple(batch_grad_map(p, tokens, weights, targets, loss, beta=beta)[1] for p in st["discrete"])
+        return {"ensembles": g_ens, "coupled": jax.tree.map(lambda a: a[0], g_c), "discrete": g_disc}
+
+    return jax.vmap(one)(params, data_key)
+
+
+@eqx.filter_jit
+def _update_seeds(state: dict, grads: dict, optimizer):
+    """One optimizer update of every seed's parameters (vmapped over seeds and over the stacked ensembles)."""
+
+    def one(st, g):
+        new = dict(st)
+        upd, new["opt_states"] = jax.vmap(optimizer.update)(g["ensembles"], st["opt_states"], st["ensembles"])
+        new["ensembles"] = optax.apply_updates(st["ensembles"], upd)
+        upd, new["coupled_opt"] = optimizer.update(g["coupled"], st["coupled_opt"], st["coupled"])
+        new["coupled"] = optax.apply_updates(st["coupled"], upd)
+        disc = [optimizer.update(gp, o, p) for gp, o, p in zip(g["discrete"], st["disc_opt"], st["discrete"])]
+        new["discrete"] = tuple(optax.apply_updates(p, u) for p, (u, _) in zip(st["discrete"], disc))
+        new["disc_opt"] = tuple(o for _, o in disc)
+        return new
+
+    return jax.vmap(one)(state, grads)
+
+
 def _train_step_seeds(state: dict, loss, optimizer, beta, grid, settings, sample, batch_size: int, step):
-    """One training step of every seed (vmapped): the limit, its Monte-Carlo twin, the coupled heads and the
-    discrete model of every sweep point, each seed on its own data stream (shared by its discrete model and
-    its limit)."""
-
-    def one(st):
-        b = sample(jax.random.fold_in(jax.random.wrap_key_data(st["data_key"]), step), batch_size)
-        b = (b.tokens, b.weights, b.targets)
-        ens, opt_states, coupled, coupled_opt = _limit_step(
-            st["ensembles"], st["opt_states"], st["coupled"], st["coupled_opt"], b, loss, optimizer, beta, grid,
-            settings,
-        )  # fmt: skip
-        new = [_discrete_step(p, o, b, loss, optimizer, beta) for p, o in zip(st["discrete"], st["disc_opt"])]
-        return {**st, "ensembles": ens, "opt_states": opt_states, "coupled": coupled, "coupled_opt": coupled_opt,
-                "discrete": tuple(a for a, _ in new), "disc_opt": tuple(o for _, o in new)}  # fmt: skip
-
-    return jax.vmap(one)(state)
+    """One training step of every seed: the limit, its Monte-Carlo twin, the coupled heads and the discrete
+    model of every sweep point (gradients, then the optimizer's update)."""
+    params = {k: state[k] for k in _PARAMS}
+    grads = _grads_seeds(params, state["data_key"], loss, beta, grid, settings, sample, batch_size, step)
+    return _update_seeds(state, grads, optimizer)
 
 
 def _shard_seeds(tree, mesh):
@@ -525,6 +599,9 @@ def run(cfg: RatesConfig, out_dir: str, *, progress: bool = True) -> dict:
     if os.path.exists(config_path):
         with open(config_path) as f:
             previous = json.load(f)
+        # A key the folder's config lacks was added to RatesConfig later: that run used its default.
+        defaults = json.loads(json.dumps(dataclasses.asdict(RatesConfig())))
+        previous = {**{k: v for k, v in defaults.items() if k not in previous}, **previous}
         if previous != json.loads(json.dumps(cfg_dict)):
             raise ValueError(
                 f"rates: {out_dir} holds a run with a different configuration ({config_path}); "

@@ -12,6 +12,12 @@ property, the task's natural :class:`mfattn.losses.Loss`:
   clean tokens; loss :class:`~mfattn.losses.TokenRegression`.
 * :class:`InContextRegression` -- linear regression in context: ``(x_i, <w, x_i>)`` example tokens and a
   query ``(x_q, 0)``; the target is ``y_q``; loss :class:`QueryRegression` on the query token only.
+* :class:`TargetMeasure` -- transport every input to one fixed target measure ``rho``: inputs uniform in
+  the ball, the target the same point cloud for every sequence; loss :class:`~mfattn.losses.MMD`.
+
+:class:`TeacherStudent` and :class:`TargetMeasure` also define their target for *any* input sequence,
+``task.target(tokens, weights)`` (the teacher's output; the fixed cloud), which is what an error measured
+uniformly over inputs needs (:mod:`mfattn.rates`).
 
 Variable sequence lengths are padding weights: with ``min_tokens`` (``min_examples``) set, each sequence
 draws its length ``n`` uniformly in ``[min, N]`` and its weights are ``1/n`` on the real tokens and 0 on
@@ -40,11 +46,13 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 
 from .attention import project_ball
-from .losses import Loss, TokenRegression
+from .losses import MMD, Loss, TokenRegression
 from .params import InitMethod, Params, init_params
 from .particles import forward
 
-__all__ = ["Batch", "Task", "TeacherStudent", "Denoising", "InContextRegression", "QueryRegression"]
+__all__ = [
+    "Batch", "Task", "TeacherStudent", "Denoising", "InContextRegression", "QueryRegression", "TargetMeasure",
+]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -343,16 +351,16 @@ class TeacherStudent(Task):
         """:class:`~mfattn.losses.TokenRegression` ``sum_i m_i |x_i^L - y_i|^2 / 2``."""
         return TokenRegression()
 
+    def target(self, tokens: Float[Array, "N d"], weights: Float[Array, " N"]) -> Float[Array, "N d"]:
+        """The targets of any one sequence (in the ball or not): the teacher's terminal tokens."""
+        return forward(self.teacher, tokens, beta=self.beta, weights=weights)[-1]
+
     def _draw(self, key: PRNGKeyArray, batch_size: int) -> Batch:
         B, N = batch_size, self.num_tokens
         g, u = _draws(key, (B, N, self.dim), (B, N + 1), self.teacher.wq.dtype)
         tokens = _ball(g, u[:, :N], self.radius)
         weights = _prefix_weights(u[:, N], N, self.min_tokens)
-
-        def teach(x, w):
-            return forward(self.teacher, x, beta=self.beta, weights=w)[-1]
-
-        return Batch(tokens, weights, jax.vmap(teach)(tokens, weights))
+        return Batch(tokens, weights, jax.vmap(self.target)(tokens, weights))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -600,3 +608,93 @@ class InContextRegression(Task):
             live = (jnp.arange(N)[None, :] < n[:, None]) | query[None, :]
             weights = jnp.where(live, 1.0 / (n[:, None] + 1).astype(g.dtype), jnp.zeros((), g.dtype))
         return Batch(tokens, weights, targets)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Transport to a fixed target measure
+# ---------------------------------------------------------------------------------------------------------
+
+
+class TargetMeasure(Task):
+    """Transport every input measure to one fixed target measure ``rho``, measured by MMD.
+
+    Inputs are i.i.d. uniform in the closed ball of radius ``R`` (as in :class:`TeacherStudent`); the target
+    is the same empirical measure ``rho = (1/M) sum_a delta_{y_a}`` for every sequence, its ``M`` points
+    drawn once (NumPy, ``seed``) uniformly in the ball of radius ``R/2`` centred at ``(R/2) e_1``: moving
+    the input cloud onto ``rho`` takes a translation and a contraction. The loss is
+    :class:`~mfattn.losses.MMD` ``MMD^2(mu^L, rho) / 2`` with a Gaussian kernel of width ``bandwidth``: a
+    function of the whole terminal measure (paper Remark 5), whose Lions derivative couples the tokens.
+
+    As the target does not depend on the input, :meth:`target` defines it for any sequence; the targets
+    of a batch are the cloud repeated, ``(B, M, d)``. The dtype of a batch is that of the points.
+
+    Args:
+        dim: ``d >= 1``.
+        num_tokens: ``N >= 1``.
+        num_points: ``M >= 1``, the size of the target cloud.
+        radius: ``R > 0``.
+        bandwidth: the kernel width ``sigma > 0``.
+        min_tokens: ``None`` or the least sequence length in ``[1, N]`` (see :class:`TeacherStudent`).
+        seed: integer seed of the target points.
+        dtype: dtype of the points and of the sampled batches (default: JAX's default float).
+
+    Attributes:
+        points: the target points ``(M, d)``.
+
+    Example::
+
+        task = TargetMeasure(dim=2, num_tokens=16, num_points=8)
+        batch = task.sample(jax.random.key(0), 4)      # targets (4, 8, 2): the cloud, repeated
+        task.loss(batch.tokens[0], batch.weights[0], batch.targets[0])    # MMD^2 / 2 of the inputs
+    """
+
+    points: Float[Array, "M d"]
+    dim: int = eqx.field(static=True)
+    num_tokens: int = eqx.field(static=True)
+    radius: float = eqx.field(static=True)
+    bandwidth: float = eqx.field(static=True)
+    min_tokens: int | None = eqx.field(static=True)
+    seed: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        num_tokens: int,
+        num_points: int = 8,
+        radius: float = 1.0,
+        bandwidth: float = 0.5,
+        min_tokens: int | None = None,
+        *,
+        seed: int = 0,
+        dtype=None,
+    ):
+        owner = "TargetMeasure"
+        self.dim = _check_int(owner, "dim", dim)
+        self.num_tokens = _check_int(owner, "num_tokens", num_tokens)
+        num_points = _check_int(owner, "num_points", num_points)
+        self.radius = _check_float(owner, "radius", radius, positive=True)
+        self.bandwidth = _check_float(owner, "bandwidth", bandwidth, positive=True)
+        self.min_tokens = _check_min(owner, "min_tokens", min_tokens, self.num_tokens, "num_tokens")
+        self.seed = _check_int(owner, "seed", seed, low=0)
+        rng = np.random.default_rng(self.seed)  # NumPy: no compilation at construction
+        g = rng.standard_normal((num_points, self.dim))
+        r = 0.5 * self.radius * rng.uniform(size=(num_points, 1)) ** (1.0 / self.dim)
+        centre = np.zeros(self.dim)
+        centre[0] = 0.5 * self.radius
+        self.points = jnp.asarray(centre + g / np.linalg.norm(g, axis=-1, keepdims=True) * r, dtype=dtype)
+
+    @property
+    def loss(self) -> Loss:
+        """:class:`~mfattn.losses.MMD` ``MMD^2(mu^L, rho) / 2`` with the task's bandwidth."""
+        return MMD(bandwidth=self.bandwidth)
+
+    def target(self, tokens: Float[Array, "N d"], weights: Float[Array, " N"]) -> Float[Array, "M d"]:
+        """The target of any one sequence: the points of ``rho`` (independent of the input)."""
+        return self.points.astype(tokens.dtype)
+
+    def _draw(self, key: PRNGKeyArray, batch_size: int) -> Batch:
+        B, N = batch_size, self.num_tokens
+        g, u = _draws(key, (B, N, self.dim), (B, N + 1), self.points.dtype)
+        tokens = _ball(g, u[:, :N], self.radius)
+        weights = _prefix_weights(u[:, N], N, self.min_tokens)
+        return Batch(tokens, weights, jnp.broadcast_to(self.points[None], (B, *self.points.shape)))

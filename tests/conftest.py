@@ -38,3 +38,18 @@ def no_jaxtyping():
     jaxtyping.config.update("jaxtyping_disable", True)
     yield
     jaxtyping.config.update("jaxtyping_disable", False)
+
+
+@pytest.fixture(scope="session")
+def rates_quick_run(tmp_path_factory):
+    """The ``--quick`` rates configuration, run once per session (about a minute) into a temporary folder.
+
+    Shared by the end-to-end and resume tests (tests/test_rates.py) and by notebook 02, which reads the
+    run folder (tests/test_notebooks.py). Returns ``(config, folder, summary)``; treat the folder as
+    read-only (copy it to modify it).
+    """
+    from mfattn.rates import load_config, run
+
+    out = str(tmp_path_factory.mktemp("rates") / "quick")
+    cfg = load_config(quick=True)
+    return cfg, out, run(cfg, out, progress=False)

@@ -1,15 +1,19 @@
-"""The rates experiment end to end (the --quick configuration), resume after an interruption, config errors."""
+"""The rates experiment end to end (the --quick configuration), resume after an interruption, the N and d
+sweeps with the target-measure task, config errors."""
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import math
 import os
 import shutil
 
 import pytest
 
-from mfattn.rates import COLUMNS, load_config, run
+from mfattn import fits
+from mfattn.rates import COLUMNS, TASKS, RatesConfig, load_config, run
 
 
 def _rows(path):
@@ -17,16 +21,8 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("rates") / "quick")
-    cfg = load_config(quick=True)
-    summary = run(cfg, out, progress=False)
-    return cfg, out, summary
-
-
-def test_quick_configuration_end_to_end(quick_run):
-    cfg, out, summary = quick_run
+def test_quick_configuration_end_to_end(rates_quick_run):
+    cfg, out, summary = rates_quick_run
     rows = _rows(out)
     points = len(cfg.depths) * len(cfg.heads)
     assert len(rows) == points * cfg.seeds * 3  # steps 0, K/2, K
@@ -39,6 +35,7 @@ def test_quick_configuration_end_to_end(quick_run):
     with open(os.path.join(out, "summary.json")) as f:
         saved = json.load(f)
     assert {"fits", "config", "versions", "device", "rows"} <= set(saved)
+    assert saved["config"]["task"] == "teacher_student"
     free = saved["fits"]["final"]["uniform_err"]["free"]
     assert 0 <= free["alpha"] <= 3 and 0 <= free["gamma"] <= 3
     for name in summary["plots"]:
@@ -46,8 +43,12 @@ def test_quick_configuration_end_to_end(quick_run):
     assert "pointwise" in summary["table"]
 
 
-def test_resume_after_an_interruption_recomputes_nothing_twice(quick_run, tmp_path):
-    cfg, out, _ = quick_run
+def test_resume_after_an_interruption_recomputes_nothing_twice(rates_quick_run, tmp_path, monkeypatch):
+    cfg, out, _ = rates_quick_run
+    # The fits and plots are checked above; here a few bootstrap resamples and no plots keep the three
+    # summaries (two resumed runs) cheap.
+    monkeypatch.setattr(fits, "summarize", functools.partial(fits.summarize, n_boot=4))
+    monkeypatch.setattr(fits, "plot", lambda rows, outdir: [])
     full = _rows(out)
     # An interruption while the last seed's final evaluation was being written: its last two rows are
     # missing. The rerun skips every finished unit, retrains the interrupted one (deterministically) and
@@ -70,6 +71,67 @@ def test_resume_after_an_interruption_recomputes_nothing_twice(quick_run, tmp_pa
     assert len(_rows(str(part))) == len(full)
 
 
+# The N and d sweeps at tiny sizes, with the target-measure task (MMD to a fixed cloud). One sweep point
+# (L, H) = (2, 1) everywhere, so that the LH group, the N sweep at N = 3 and the d sweep at d = 2 (both
+# optimizers) share compiled programs: three shapes (N, d) in {(3, 2), (5, 2), (3, 3)} in all. Without
+# the ascent and the Monte-Carlo twin (the quick run above covers them).
+SWEEPS = dict(
+    task="target_measure", target_points=4, num_tokens=3, dim=2, depths=(2,), heads=(1,), depth_ref=2, heads_ref=1,
+    tokens_sweep=(3, 5), dims_sweep=(2, 3), seeds=2, steps=1, batch_size=2, particles=8, grid_size=3,
+    test_per_family=1, ascent_starts=0, ascent_steps=0, mc_check=False,
+)  # fmt: skip
+
+
+def test_tokens_and_dims_sweeps_with_the_target_measure_task(tmp_path):
+    cfg = RatesConfig(**SWEEPS).validate()
+    out = str(tmp_path / "sweeps")
+    summary = run(cfg, out, progress=False)
+    rows = _rows(out)
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["sweep"], int(r["num_tokens"]), int(r["dim"]), r["optimizer"]), []).append(r)
+    assert set(groups) == {
+        ("LH", 3, 2, "adamw"),
+        ("N", 3, 2, "adamw"),
+        ("N", 5, 2, "adamw"),
+        *(("d", 3, d, opt) for d in (2, 3) for opt in ("adamw", "blockwise_adamw")),
+    }
+    for key, g in groups.items():
+        assert sorted((r["seed"], r["step"]) for r in g) == [(s, t) for s in "01" for t in "01"], key
+        assert {(r["depth"], r["heads"]) for r in g} == {("2", "1")}
+    for r in rows:
+        pointwise, uniform = float(r["pointwise_err"]), float(r["uniform_err"])
+        assert 0 < pointwise <= uniform < math.inf
+        assert r["uniform_source"] == "test_set" and r["mc_flag"] == "0"
+        assert (float(r["param_gap"]) == 0) == (r["step"] == "0")
+    # The d sweep is paired: at step 0 AdamW and blockwise AdamW hold the same models on the same inputs;
+    # after a step they differ.
+    for d in (2, 3):
+        adam, block = (sorted(groups[("d", 3, d, opt)], key=lambda r: (r["seed"], r["step"])) for opt in
+                       ("adamw", "blockwise_adamw"))  # fmt: skip
+        for a, b in zip(adam, block):
+            assert (a["pointwise_err"] == b["pointwise_err"]) == (a["step"] == "0")
+
+    with open(os.path.join(out, "summary.json")) as f:
+        saved = json.load(f)
+    assert saved["config"]["task"] == "target_measure"
+    fitted = saved["fits"]
+    assert set(fitted["N"]) == {"adamw"} and set(fitted["d"]) == {"adamw", "blockwise_adamw"}
+    for sweep, axis, opts in (("N", "num_tokens", ["adamw"]), ("d", "dim", ["adamw", "blockwise_adamw"])):
+        for opt in opts:
+            block = fitted[sweep][opt]
+            assert block[f"{axis}_values"] == ([3, 5] if sweep == "N" else [2, 3])
+            for kind in ("pointwise_err", "uniform_err", "param_gap"):
+                slope = block[kind]["slope"]
+                assert isinstance(slope, float) and math.isfinite(slope), (sweep, opt, kind, block[kind])
+                assert all(isinstance(c, float) and math.isfinite(c) for c in block[kind]["ci"])
+    names = {os.path.basename(p) for p in summary["plots"]}
+    assert {"err_vs_N.png", "err_vs_d.png"} <= names
+    for p in summary["plots"]:
+        assert os.path.getsize(p) > 1000
+    assert "blockwise_adamw" in summary["table"]
+
+
 def test_config_errors(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("depthz = [1, 2]\n")
@@ -81,12 +143,37 @@ def test_config_errors(tmp_path):
     bad.write_text('optimizer = "sgd"\n')
     with pytest.raises(ValueError, match="optimizer"):
         load_config(str(bad))
+    bad.write_text('task = "denoising"\n')
+    with pytest.raises(ValueError, match="task must be one of"):
+        load_config(str(bad))
+    bad.write_text("mmd_bandwidth = 0.0\n")
+    with pytest.raises(ValueError, match="mmd_bandwidth"):
+        load_config(str(bad))
     good = tmp_path / "good.toml"
-    good.write_text("depths = [2, 4]\nheads = [1]\nparticles = 64\n")
+    good.write_text('depths = [2, 4]\nheads = [1]\nparticles = 64\ntask = "target_measure"\n')
     cfg = load_config(str(good), quick=True)
     assert cfg.depths == (2, 4) and cfg.particles == 64 and cfg.steps == 4  # quick, then the file
+    assert cfg.task in TASKS and cfg.task == "target_measure"
     other = tmp_path / "run"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"dim": 99}))
     with pytest.raises(ValueError, match="different configuration"):
         run(cfg, str(other), progress=False)
+
+
+def test_a_run_folder_from_before_new_settings_still_resumes(tmp_path):
+    # config.json written before `task`, `target_points` and `mmd_bandwidth` existed: those runs used the
+    # defaults, so the folder is the same configuration (nothing to compute: every row is there).
+    cfg = RatesConfig(depths=(1,), heads=(1,), seeds=1, steps=0).validate()
+    old = {k: v for k, v in json.loads(json.dumps(cfg.__dict__)).items()
+           if k not in ("task", "target_points", "mmd_bandwidth")}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    row = dict.fromkeys(COLUMNS, "1")
+    row.update(sweep="LH", optimizer="adamw", depth="1", heads="1", num_tokens="4", dim="2", seed="0", step="0",
+               uniform_source="test_set", mc_flag="0")  # fmt: skip
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerow(row)
+    summary = run(cfg, str(tmp_path), progress=False)
+    assert summary["rows"] == 1

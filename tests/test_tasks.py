@@ -1,5 +1,6 @@
 """Tests of mfattn.tasks: the ball bound, weights and padding, determinism and jit, each task's own
-maths, and each task's loss through the hand adjoint against autodiff (float64)."""
+maths, each task's loss through the hand adjoint against autodiff (float64), and the targets of arbitrary
+inputs (``task.target``) that the rates experiment needs."""
 
 from __future__ import annotations
 
@@ -12,8 +13,16 @@ import numpy as np
 import pytest
 
 import mfattn
-from mfattn.losses import TokenRegression
-from mfattn.tasks import Batch, Denoising, InContextRegression, QueryRegression, Task, TeacherStudent
+from mfattn.losses import MMD, TokenRegression
+from mfattn.tasks import (
+    Batch,
+    Denoising,
+    InContextRegression,
+    QueryRegression,
+    TargetMeasure,
+    Task,
+    TeacherStudent,
+)
 
 BIG = 512  # sequences in the large batches used for the ball bound
 BALL_TOL = 1e-12
@@ -179,6 +188,14 @@ def test_teacher_targets_are_teacher_forward():
     np.testing.assert_allclose(batch.targets[i, : n[i]], short, rtol=1e-12, atol=1e-13)
 
 
+def test_teacher_target_of_any_input():
+    task, batch = task_of("teacher-pad"), batch_of("teacher-pad")
+    np.testing.assert_allclose(task.target(batch.tokens[3], batch.weights[3]), batch.targets[3], rtol=1e-12, atol=1e-13)
+    far = 3.0 * batch.tokens[0]  # outside the ball: still the teacher's output
+    want = mfattn.forward(task.teacher, far, beta=task.beta, weights=batch.weights[0])[-1]
+    np.testing.assert_allclose(task.target(far, batch.weights[0]), want, rtol=1e-12, atol=1e-13)
+
+
 def test_teacher_moves_tokens():
     batch = batch_of("teacher-pad")
     moved = np.linalg.norm(np.asarray(batch.targets) - np.asarray(batch.tokens), axis=-1).mean()
@@ -342,6 +359,61 @@ def test_losses():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Transport to a fixed target measure
+# ---------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def target_task() -> TargetMeasure:
+    return TargetMeasure(dim=3, num_tokens=6, num_points=5, radius=2.0, bandwidth=0.7, min_tokens=2, seed=3)
+
+
+@functools.cache
+def target_batch() -> Batch:
+    return target_task().sample(jax.random.key(1), BIG)
+
+
+def test_target_measure_batch_and_cloud():
+    task, batch = target_task(), target_batch()
+    B, N, d, M = BIG, 6, 3, 5
+    assert batch.tokens.shape == (B, N, d) and batch.weights.shape == (B, N) and batch.targets.shape == (B, M, d)
+    assert batch.tokens.dtype == batch.targets.dtype == task.points.dtype == jnp.float64
+    norms = np.linalg.norm(np.asarray(batch.tokens), axis=-1)
+    assert norms.max() <= task.radius + BALL_TOL and norms.max() > 0.5 * task.radius
+    # The same cloud for every sequence, inside the ball of radius R/2 around (R/2) e_1, and fixed by the seed.
+    np.testing.assert_array_equal(batch.targets, np.broadcast_to(task.points, (B, M, d)))
+    centre = np.array([1.0, 0.0, 0.0])
+    assert np.linalg.norm(np.asarray(task.points) - centre, axis=-1).max() <= 1.0 + 1e-12
+    np.testing.assert_array_equal(TargetMeasure(3, 6, 5, radius=2.0, seed=3).points, task.points)
+    assert not np.allclose(TargetMeasure(3, 6, 5, radius=2.0, seed=4).points, task.points)
+    w = np.asarray(batch.weights)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+    assert set((w > 0).sum(axis=1).tolist()) == set(range(2, N + 1))
+    # The target of any input, in the ball or not, is the cloud; the loss is MMD with the task's width.
+    for x in (batch.tokens[0], 10.0 * batch.tokens[1]):
+        np.testing.assert_array_equal(task.target(x, batch.weights[0]), task.points)
+    assert task.loss == MMD(bandwidth=0.7)
+    task32 = TargetMeasure(2, 4, dtype=jnp.float32)
+    shapes = jax.eval_shape(lambda k: task32.sample(k, 2), jax.random.key(0))
+    assert shapes.tokens.dtype == shapes.targets.dtype == jnp.float32
+
+
+def test_target_measure_loss_adjoint_matches_autodiff():
+    task, batch = target_task(), target_batch()
+    n = np.sum(np.asarray(batch.weights) > 0, axis=1)
+    i = int(np.argmin(np.where(n >= 2, n, task.num_tokens + 1)))  # a padded sequence
+    params = student(task.dim)
+    kw = dict(beta=1.0, weights=batch.weights[i], targets=batch.targets[i])
+    v_hand, g_hand = mfattn.loss_and_grad(params, batch.tokens[i], task.loss, method="adjoint", **kw)
+    v_auto, g_auto = mfattn.loss_and_grad(params, batch.tokens[i], task.loss, method="autodiff", **kw)
+    assert v_auto > 0
+    np.testing.assert_allclose(v_hand, v_auto, rtol=1e-12)
+    for a, b in zip(jax.tree.leaves(g_hand), jax.tree.leaves(g_auto)):
+        assert np.linalg.norm(b) > 0
+        assert rel(a, b) <= 1e-10
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------------------
 
@@ -378,6 +450,13 @@ BAD = [
     ("noise", lambda: InContextRegression(2, 4, noise=-1.0)),
     ("min_examples", lambda: InContextRegression(2, 4, min_examples=0)),
     ("min_examples", lambda: InContextRegression(2, 4, min_examples=5)),
+    ("dim", lambda: TargetMeasure(0, 4)),
+    ("num_tokens", lambda: TargetMeasure(2, 0)),
+    ("num_points", lambda: TargetMeasure(2, 4, num_points=0)),
+    ("radius", lambda: TargetMeasure(2, 4, radius=-1.0)),
+    ("bandwidth", lambda: TargetMeasure(2, 4, bandwidth=0.0)),
+    ("min_tokens", lambda: TargetMeasure(2, 4, min_tokens=5)),
+    ("seed", lambda: TargetMeasure(2, 4, seed=-1)),
     ("batch_size", lambda: Denoising(2, 4).sample(jax.random.key(0), 0)),
     ("batch_size", lambda: InContextRegression(2, 4).sample(jax.random.key(0), -3)),
 ]
