@@ -62,6 +62,7 @@ import numpy as np
 import optax
 
 from . import limit, optim
+from .attention import SOFTMAX, Attention, as_attention
 from .limit import _dense_forward_backward, _settings
 from .metrics import discrepancy, input_families, projected_ascent
 from .params import Params, init_params
@@ -97,6 +98,9 @@ class RatesConfig:
     # model and data: inputs uniform in the ball of radius R; targets from a random teacher transformer
     # ("teacher_student", token regression) or a fixed target cloud ("target_measure", MMD loss)
     task: str = "teacher_student"
+    # the student's (and the limit's) attention: a kind ("softmax", "l2", ...) or a table of
+    # mfattn.Attention fields, e.g. {kind = "sigmoid", causal = true}; the teacher stays softmax
+    attention: str | dict = "softmax"
     dim: int = 2
     head_dim: int = 2
     num_tokens: int = 4
@@ -140,6 +144,12 @@ class RatesConfig:
     precision: str = "float32"
     shard_seeds: bool = True  # split the (vmapped) seeds over all local devices when they divide evenly
 
+    def spec(self) -> Attention:
+        """The :class:`~mfattn.Attention` of the student and the limit."""
+        if isinstance(self.attention, dict):
+            return Attention(**self.attention)
+        return as_attention(self.attention)
+
     def validate(self) -> RatesConfig:
         if self.task not in TASKS:
             raise ValueError(f"rates config: task must be one of {TASKS}, got {self.task!r}.")
@@ -170,6 +180,12 @@ class RatesConfig:
                 raise ValueError(f"rates config: {name} must list positive integers, got {v!r}.")
         if not self.beta >= 0 or not self.radius > 0:
             raise ValueError(f"rates config: need beta >= 0 and radius > 0, got {self.beta}, {self.radius}.")
+        try:
+            spec = self.spec()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"rates config: bad attention {self.attention!r}: {e}") from None
+        if spec.depth_exponent != 1:
+            raise ValueError("rates config: the limit needs the residual step 1/L (attention depth_exponent = 1).")
         if not self.mmd_bandwidth > 0:
             raise ValueError(f"rates config: mmd_bandwidth must be > 0, got {self.mmd_bandwidth}.")
         if self.optimizer not in ("adamw", "blockwise_adamw"):
@@ -302,6 +318,7 @@ class _Models(eqx.Module):
     beta: jax.Array
     grid: jax.Array
     settings: object
+    spec: Attention = eqx.field(static=True, default=SOFTMAX)
 
     def target(self, x, w):
         """The task's target for any input sequence ``x`` (the terminal condition's data)."""
@@ -316,8 +333,8 @@ class _Models(eqx.Module):
         return jax.vmap(xsol.evaluate)(t), jax.vmap(psol.evaluate)(t)
 
     def discrete_traj(self, params, x, w, y):
-        traj = _forward(params, x, w, self.beta, None)
-        ps = _adjoint(params, traj, self.task.loss.lions(traj[-1], w, y), w, self.beta, None)
+        traj = _forward(params, x, w, self.beta, None, self.spec)
+        ps = _adjoint(params, traj, self.task.loss.lions(traj[-1], w, y), w, self.beta, None, self.spec)
         return traj, ps
 
     def point_errs(self, discrete, x, w, y, xl, pl, lmax: int):
@@ -395,11 +412,12 @@ def _group_setup(cfg: RatesConfig, group: _Group, dtype):
             # for this smooth field, and far lighter to compile and differentiate than the adaptive loop.
             n_steps = cfg.solver_steps * (cfg.grid_size - 1)
             settings = _settings(diffrax.Tsit5(), diffrax.ConstantStepSize(), 1.0 / n_steps, n_steps + 1, None,
-                                 cfg.rtol, cfg.atol)  # fmt: skip
+                                 cfg.rtol, cfg.atol, cfg.spec())  # fmt: skip
         else:
-            settings = _settings(None, None, None, 4096, None, cfg.rtol, cfg.atol)
+            settings = _settings(None, None, None, 4096, None, cfg.rtol, cfg.atol, cfg.spec())
         _SETUP_CACHE.clear()  # one group at a time: keep memory bounded
-        _SETUP_CACHE[key] = (task, task.loss, opt, grid, beta, settings, _Models(task, beta, grid, settings))
+        models = _Models(task, beta, grid, settings, cfg.spec())
+        _SETUP_CACHE[key] = (task, task.loss, opt, grid, beta, settings, models)
     return _SETUP_CACHE[key]
 
 
@@ -457,7 +475,10 @@ def _grads_seeds(params: dict, data_key, loss, beta, grid, settings, sample, bat
             )
 
         _, g_ens, g_c = jax.vmap(limit_grads)(st["ensembles"])
-        g_disc = tuple(batch_grad_map(p, tokens, weights, targets, loss, beta=beta)[1] for p in st["discrete"])
+        g_disc = tuple(
+            batch_grad_map(p, tokens, weights, targets, loss, beta=beta, attention=settings.attention)[1]
+            for p in st["discrete"]
+        )
         return {"ensembles": g_ens, "coupled": jax.tree.map(lambda a: a[0], g_c), "discrete": g_disc}
 
     return jax.vmap(one)(params, data_key)

@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 
+import mfattn
 from mfattn import fits
 from mfattn.rates import COLUMNS, TASKS, RatesConfig, load_config, run
 
@@ -149,6 +150,15 @@ def test_config_errors(tmp_path):
     bad.write_text("mmd_bandwidth = 0.0\n")
     with pytest.raises(ValueError, match="mmd_bandwidth"):
         load_config(str(bad))
+    bad.write_text('attention = "cosine"\n')
+    with pytest.raises(ValueError, match="bad attention"):
+        load_config(str(bad))
+    bad.write_text("attention = {kind = 'l2', depth_exponent = 0.5}\n")
+    with pytest.raises(ValueError, match="depth_exponent"):
+        load_config(str(bad))
+    table = tmp_path / "table.toml"
+    table.write_text("attention = {kind = 'sigmoid', causal = true, bias = -0.5}\n")
+    assert load_config(str(table)).spec() == mfattn.Attention("sigmoid", causal=True, bias=-0.5)
     good = tmp_path / "good.toml"
     good.write_text('depths = [2, 4]\nheads = [1]\nparticles = 64\ntask = "target_measure"\n')
     cfg = load_config(str(good), quick=True)
