@@ -41,15 +41,33 @@ def no_jaxtyping():
 
 
 @pytest.fixture(scope="session")
-def rates_quick_run(tmp_path_factory):
-    """The ``--quick`` rates configuration, run once per session (about a minute) into a temporary folder.
+def rates_quick_run(tmp_path_factory, worker_id):
+    """The ``--quick`` rates configuration, run once per test session (about a minute) into a temporary folder.
 
     Shared by the end-to-end and resume tests (tests/test_rates.py) and by notebook 02, which reads the
-    run folder (tests/test_notebooks.py). Returns ``(config, folder, summary)``; treat the folder as
-    read-only (copy it to modify it).
+    run folder (tests/test_notebooks.py). Under pytest-xdist the workers share one folder: the first to
+    arrive runs it under a file lock, the others then find every row written and only redo the fits
+    (``run`` resumes). Returns ``(config, folder, summary)``; treat the folder as read-only (copy it to
+    modify it).
     """
     from mfattn.rates import load_config, run
 
-    out = str(tmp_path_factory.mktemp("rates") / "quick")
     cfg = load_config(quick=True)
-    return cfg, out, run(cfg, out, progress=False)
+    if worker_id == "master":
+        out = str(tmp_path_factory.mktemp("rates") / "quick")
+        return cfg, out, run(cfg, out, progress=False)
+    root = tmp_path_factory.getbasetemp().parent  # shared by the workers of this session
+    out = str(root / "rates-quick")
+    with open(root / "rates-quick.lock", "w") as lock:
+        _lock(lock)
+        return cfg, out, run(cfg, out, progress=False)
+
+
+def _lock(f):
+    """Block until this process holds an exclusive lock on the open file ``f`` (POSIX; elsewhere no lock,
+    and each worker may then run the configuration itself, which is correct but slower)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)

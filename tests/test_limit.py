@@ -182,7 +182,6 @@ def test_limit_rejects_bad_input(no_jaxtyping):
 
 LIMIT_VARIANTS = {
     "causal-sigmoid": mfattn.Attention("sigmoid", causal=True, bias=0.3),
-    "l2": mfattn.Attention("l2"),
     "sinkhorn": mfattn.Attention("sinkhorn", sinkhorn_iters=3),
     "sphere": mfattn.Attention(residual="sphere"),
 }

@@ -83,6 +83,7 @@ SWEEPS = dict(
 )  # fmt: skip
 
 
+@pytest.mark.slow  # about a minute: three (N, d) shapes, each compiled (run with -m slow)
 def test_tokens_and_dims_sweeps_with_the_target_measure_task(tmp_path):
     cfg = RatesConfig(**SWEEPS).validate()
     out = str(tmp_path / "sweeps")

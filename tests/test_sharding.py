@@ -30,6 +30,7 @@ def test_uneven_split_is_rejected(no_jaxtyping):
         sharding.shard_batch(np.zeros((3, 2)), fake)
 
 
+@pytest.mark.slow  # two rates runs in a subprocess, about 45 s; the sharded kernels are checked above
 def test_rates_with_seeds_sharded_equals_single_device():
     script = pathlib.Path(__file__).with_name("_sharded_rates.py")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -200,19 +200,25 @@ def test_query_chunks_and_kept_attention_give_the_same_numbers(spec):
 
 def test_sequential_and_vectorised_heads_agree(monkeypatch):
     """On CPU, from SEQUENTIAL_HEADS_FROM tokens on, heads run one after the other (lax.map) instead of
-    vmapped: same forward, adjoints and gradient maps to 1e-12 (float64, N = 130, with padding)."""
+    vmapped: the same velocity, adjoint field and gradient maps to 1e-12 (float64, N = 130, padding)."""
     import importlib
 
-    attention_module = importlib.import_module("mfattn.attention")  # (mfattn.attention is also a function)
+    from mfattn.adjoint import adjoint_field_and_grad_map
 
-    c = Case(depth=2, heads=3, tokens=130, dim=3, head_dim=2, beta=2.0)
-    params, x0, m, targets = instance(c, Attention())
-    loss = TokenRegression()
+    attention_module = importlib.import_module("mfattn.attention")  # (mfattn.attention is also a function)
+    c = Case(depth=1, heads=3, tokens=130, dim=3, head_dim=2, beta=2.0)
+    params, x0, m, _ = instance(c, Attention())
+    theta = jax.tree.map(lambda a: a[0], params)
+    p = jax.random.normal(jax.random.key(3), x0.shape, jnp.float64)
     results = []
-    for threshold in (10**9, 1):  # vmap, then lax.map (on CPU)
+    for threshold in (10**9, 1):  # vmap, then lax.map (on CPU); a fresh jit traces with the new setting
         monkeypatch.setattr(attention_module, "SEQUENTIAL_HEADS_FROM", threshold)
-        jax.clear_caches()
-        kw = dict(beta=c.beta, weights=m, targets=targets)
-        results.append((mfattn.value_and_grad_map(params, x0, loss, **kw), mfattn.forward(params, x0, beta=c.beta)))
+        run = jax.jit(
+            lambda th, x, p: (
+                mfattn.velocity(th, x, x, m, beta=c.beta),
+                adjoint_field_and_grad_map(th, x, p, m, beta=c.beta),
+            )
+        )
+        results.append(run(theta, x0, p))
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
         assert rel(b, a) <= 1e-12
