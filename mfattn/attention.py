@@ -1,4 +1,4 @@
-"""Mean-field softmax attention: the forward velocity ``F(mu, x, nu)`` (SPEC section 2).
+"""Mean-field attention: the forward velocity ``F(mu, x, nu)`` (SPEC section 2), and its variants.
 
 For one head ``theta = (W_Q, W_K, W_V, W_O)`` (each ``d x k``), a query point ``x`` and the weighted
 empirical measure ``mu = sum_j m_j delta_{x_j}``::
@@ -14,6 +14,10 @@ exactly no influence (its log-weight is ``-inf``).
 
 With a radius ``R`` the measure is first pushed through the projection ``Pi_R`` onto the closed ball
 (SPEC section 2, paper eq. 6-7): keys and values use ``Pi_R(x_j)``, queries are not projected.
+
+Other kernels (unnormalised, L2, sigmoid, Sinkhorn), causal masking, the normalised residual, the depth
+and logit scalings and the numerical options (query chunks, kept attention, mixed precision) are selected
+by an :class:`Attention` passed as ``attention=`` (default: the softmax above).
 
 The kernels here take one layer's (or one grid time's) parameters, a pytree with leaves ``(P, d, k)``,
 and have no batch axis: batch with ``jax.vmap``.
