@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 
 import jax
 
@@ -41,13 +40,7 @@ def temp_bytes(fn, *args) -> int:
 
 
 def machine() -> dict:
-    return {
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "jax": jax.__version__,
-    }
+    return _bench.machine()
 
 
 def write_json(path: str, payload: dict) -> None:
