@@ -30,6 +30,12 @@ padding token cannot leak into real tokens.
 
 Cost per head: six ``N x N x k`` matrix products (two score-like, four transposed or weighted) and two
 materialised ``N x N`` arrays, the same matrix-product count as ``jax.vjp`` of the forward pass.
+
+The other closed-form kernels of :class:`~mfattn.Attention` (unnormalised, L2, sigmoid, causal masking)
+follow the same scheme with their own kernel ``u``, row scaling ``r`` and score derivative ``ud`` (see
+:func:`_head_backward`); Sinkhorn attention, which has no closed form, gets ``G`` and ``g`` by autodiff of
+one layer (:func:`_autodiff_backward`). ``Attention(chunk=C)`` runs the rows in blocks of ``C``;
+``Attention(remat=False)`` reuses the forward pass's kernel (:func:`cached_forward_layer`).
 """
 
 from __future__ import annotations
