@@ -86,6 +86,17 @@ def _rates(args) -> int:
                 f"{kind}: err = a/L + b L^-alpha H^-gamma with alpha = {_interval(f, 'alpha')}, "
                 f"gamma = {_interval(f, 'gamma')} (theorem: 1/3, 1/2; pointwise expectation: 1/2, 1/2)"
             )
+    for sweep, what in (("N", "tokens N"), ("d", "width d")):
+        for opt, block in fits.get(sweep, {}).items():
+            slopes = []
+            for kind in ("pointwise_err", "uniform_err"):
+                f = block.get(kind, {})
+                if isinstance(f.get("slope"), (int, float)):
+                    lo_hi = f.get("ci")  # the slope's bootstrap interval [lo, hi]
+                    ci = f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi and None not in lo_hi else ""
+                    slopes.append(f"{kind} {f['slope']:.2f}{ci}")
+            if slopes:
+                print(f"slope in {what} ({opt}): " + ", ".join(slopes))
     print(f"results, summary.json and plots in {out}/ ({elapsed:.0f} s)")
     return 0
 
