@@ -222,3 +222,24 @@ def test_sequential_and_vectorised_heads_agree(monkeypatch):
         results.append(run(theta, x0, p))
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
         assert rel(b, a) <= 1e-12
+
+
+@pytest.mark.parametrize("name", ["causal-l2", "sigmoid", "sinkhorn-sphere"])
+def test_float32_matches_float64(name):
+    """Float32 trajectories within 1e-5 and gradients within 1e-4 (relative) of float64, as for softmax
+    (test_core): float32's unit roundoff is 6e-8, and these are a few hundred operations deep."""
+    spec = VARIANTS[name]
+    c = Case(depth=3, heads=2, tokens=8, dim=4, head_dim=4, beta=2.0)
+    params, x0, m, targets = instance(c, spec)
+    loss = TokenRegression()
+    out = {}
+    for dtype in (jnp.float64, jnp.float32):
+        cast = lambda a, dtype=dtype: jax.tree.map(lambda t: t.astype(dtype), a)
+        kw = dict(beta=c.beta, weights=cast(m), attention=spec)
+        traj = mfattn.forward(cast(params), cast(x0), **kw)
+        _, g = mfattn.loss_and_grad(cast(params), cast(x0), loss, targets=cast(targets), **kw)
+        assert traj.dtype == dtype and g.wq.dtype == dtype
+        out[dtype] = (traj, g)
+    assert rel(out[jnp.float32][0], out[jnp.float64][0]) <= 1e-5
+    for a, b in zip(jax.tree.leaves(out[jnp.float32][1]), jax.tree.leaves(out[jnp.float64][1])):
+        assert rel(a, b) <= 1e-4
