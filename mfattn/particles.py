@@ -8,6 +8,9 @@ Backward (hand-derived, SPEC section 4), with ``p^L`` the loss's Lions derivativ
 
     p^l = p^{l+1} + (1/L) G(pi^l, x^l, p^{l+1}; nu^l),    d ell / d theta_{l,h} = g(theta_{l,h}, pi^l) / (L H)
 
+(with ``attention=``: residual step ``h = L^-alpha`` in place of ``1/L``, the true gradient ``(h / H) g``, and
+for the normalised residual the output adjoint pulled back through the normalisation first).
+
 Depth is a ``lax.scan`` (compile time does not grow with ``L``); heads are a ``vmap``. The backward
 scan recomputes each layer's attention from the stored trajectory, so its memory is ``O(L N d)`` plus
 one layer's ``H x N x N`` weights, never ``(L, H, N, N)``.
