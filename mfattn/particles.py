@@ -11,7 +11,8 @@ Backward (hand-derived, SPEC section 4), with ``p^L`` the loss's Lions derivativ
 (with ``attention=``: residual step ``h = L^-alpha`` in place of ``1/L``, the true gradient ``(h / H) g``, and
 for the normalised residual the output adjoint pulled back through the normalisation first).
 
-Depth is a ``lax.scan`` (compile time does not grow with ``L``); heads are a ``vmap``. The backward
+Depth is a ``lax.scan`` (compile time does not grow with ``L``); heads are a ``vmap`` (on CPU from 128 tokens a
+``lax.map``, see :func:`mfattn.attention.over_heads`). The backward
 scan recomputes each layer's attention from the stored trajectory, so its memory is ``O(L N d)`` plus
 one layer's ``H x N x N`` weights, never ``(L, H, N, N)``.
 
