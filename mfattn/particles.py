@@ -43,13 +43,15 @@ def _normalize(y):
     return y / jnp.where(norm > 0, norm, 1)
 
 
-def _pullback(spec: Attention, theta, x, p, weights, beta, radius, step):
+def _pullback(spec: Attention, theta, x, p, weights, beta, radius, step, f=None):
     """The adjoint of a layer's *velocity* given the adjoint ``p`` of its output: ``p`` itself for the plain
     residual; for the normalised residual ``x' = y / |y|``, ``y = x + h F``, it is
-    ``DN(y)^T p = (p - x' <x', p>) / |y|`` (``F`` recomputed from the stored input)."""
+    ``DN(y)^T p = (p - x' <x', p>) / |y|`` (``F`` recomputed from the stored input unless given as ``f``)."""
     if spec.residual == "euler":
         return p
-    y = x + step * velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec)
+    if f is None:
+        f = velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec)
+    y = x + step * f
     norm = jnp.linalg.norm(y, axis=-1, keepdims=True)
     norm = jnp.where(norm > 0, norm, 1)
     unit = y / norm
@@ -128,20 +130,20 @@ def _value_and_grad_map_kept(params, tokens, weights, targets, loss, beta, radiu
     def layer(x, theta):
         f, cache = cached_forward_layer(theta, x, weights, beta=beta, radius=radius, attention=spec)
         y = x + step * f
-        return (_normalize(y) if spec.residual == "sphere" else y), (x, cache)
+        return (_normalize(y) if spec.residual == "sphere" else y), (x, cache, f)
 
-    terminal, (xs, caches) = jax.lax.scan(layer, tokens, params)
+    terminal, (xs, caches, fs) = jax.lax.scan(layer, tokens, params)
     value = loss(terminal, weights, targets)
 
     def back(p, inputs):
-        theta, x, cache = inputs
-        q = _pullback(spec, theta, x, p, weights, beta, radius, step)
+        theta, x, cache, f = inputs
+        q = _pullback(spec, theta, x, p, weights, beta, radius, step, f)
         field, g = adjoint_field_and_grad_map(
             theta, x, q, weights, beta=beta, radius=radius, attention=spec, cache=cache
         )
         return q + step * field, g
 
-    p0, g = jax.lax.scan(back, loss.lions(terminal, weights, targets), (params, xs, caches), reverse=True)
+    p0, g = jax.lax.scan(back, loss.lions(terminal, weights, targets), (params, xs, caches, fs), reverse=True)
     return value, g, p0
 
 

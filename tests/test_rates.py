@@ -136,27 +136,18 @@ def test_tokens_and_dims_sweeps_with_the_target_measure_task(tmp_path):
 
 def test_config_errors(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text("depthz = [1, 2]\n")
-    with pytest.raises(ValueError, match="unknown keys"):
-        load_config(str(bad))
-    bad.write_text("depths = [3, 5, 7, 11, 13]\n")
-    with pytest.raises(ValueError, match="lcm"):
-        load_config(str(bad))
-    bad.write_text('optimizer = "sgd"\n')
-    with pytest.raises(ValueError, match="optimizer"):
-        load_config(str(bad))
-    bad.write_text('task = "denoising"\n')
-    with pytest.raises(ValueError, match="task must be one of"):
-        load_config(str(bad))
-    bad.write_text("mmd_bandwidth = 0.0\n")
-    with pytest.raises(ValueError, match="mmd_bandwidth"):
-        load_config(str(bad))
-    bad.write_text('attention = "cosine"\n')
-    with pytest.raises(ValueError, match="bad attention"):
-        load_config(str(bad))
-    bad.write_text("attention = {kind = 'l2', depth_exponent = 0.5}\n")
-    with pytest.raises(ValueError, match="depth_exponent"):
-        load_config(str(bad))
+    for text, message in [
+        ("depthz = [1, 2]", "unknown keys"),
+        ("depths = [3, 5, 7, 11, 13]", "lcm"),
+        ('optimizer = "sgd"', "optimizer"),
+        ('task = "denoising"', "task must be one of"),
+        ("mmd_bandwidth = 0.0", "mmd_bandwidth"),
+        ('attention = "cosine"', "bad attention"),
+        ("attention = {kind = 'l2', depth_exponent = 0.5}", "depth_exponent"),
+    ]:
+        bad.write_text(text + "\n")
+        with pytest.raises(ValueError, match=message):
+            load_config(str(bad))
     table = tmp_path / "table.toml"
     table.write_text("attention = {kind = 'sigmoid', causal = true, bias = -0.5}\n")
     assert load_config(str(table)).spec() == mfattn.Attention("sigmoid", causal=True, bias=-0.5)
