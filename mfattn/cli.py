@@ -97,6 +97,9 @@ def _rates(args) -> int:
                     slopes.append(f"{kind} {f['slope']:.2f}{ci}")
             if slopes:
                 print(f"slope in {what} ({opt}): " + ", ".join(slopes))
+    mesh = summary["device"].get("mesh")
+    if mesh:
+        print("device mesh: " + " x ".join(f"{n} {axis}" for axis, n in mesh.items()))
     print(f"results, summary.json and plots in {out}/ ({elapsed:.0f} s)")
     return 0
 

@@ -33,8 +33,9 @@ Tasks whose targets exist only for their own samples (in-context regression's hi
 tokens) are left out: for them the uniform error is not defined without a further modelling choice (e.g. the
 ridge predictor of the context as in-context regression's target for an arbitrary sequence).
 
-The seeds run together, vmapped (and split over the local devices when they divide evenly); all (L, H) points
-of a group share one compiled program, and groups of the same shapes share them too (the training step's
+The seeds run together, vmapped; with several devices they are split over a ``("seeds", "particles")`` mesh
+that also splits the limit's parameter particles (:func:`_mesh`). All (L, H) points of a group share one limit
+and one compiled program, and groups of the same shapes share them too (the training step's
 gradients are computed apart from the optimizer's update, so the d sweep's AdamW and blockwise AdamW groups
 compile them once). Rows are appended to ``results.csv`` as each is computed; a rerun with the same output
 folder skips what is there. ``mfattn.fits`` then fits ``err = a L^-1 + b L^-alpha H^-gamma``
@@ -142,7 +143,11 @@ class RatesConfig:
     ascent_steps: int = 2
     ascent_step_size: float = 0.1
     precision: str = "float32"
-    shard_seeds: bool = True  # split the (vmapped) seeds over all local devices when they divide evenly
+    # several devices: a (seeds x particles) mesh; each axis takes the largest share of the local devices that
+    # divides the seed count (resp. the particle count). Execution only: the numbers agree with one device's up
+    # to rounding (split particles change the order of the particle sums; XLA may also batch per device).
+    shard_seeds: bool = True  # split the (vmapped) seeds over the devices
+    shard_particles: bool = True  # split the limit's parameter particles over the devices the seeds leave
 
     def spec(self) -> Attention:
         """The :class:`~mfattn.Attention` of the student and the limit."""
@@ -510,20 +515,45 @@ def _train_step_seeds(state: dict, loss, optimizer, beta, grid, settings, sample
     return _update_seeds(state, grads, optimizer)
 
 
-def _shard_seeds(tree, mesh):
-    """Split the leading (seed) axis of every leaf over the mesh."""
+def _mesh(cfg: RatesConfig, devices=None):
+    """The ``("seeds", "particles")`` device mesh of a run, or ``None`` for one device.
+
+    The seeds take ``gcd(seeds, n)`` of the ``n`` devices, the limit's particles ``gcd(particles, n / that)``
+    of the rest (each axis split evenly); devices that fit neither stay idle. The (L, H) points of a group are
+    not a mesh axis: they share their group's limit, which is nearly all of the work (see the README)."""
+    from jax.sharding import Mesh
+
+    devices = jax.devices() if devices is None else list(devices)
+    s = math.gcd(cfg.seeds, len(devices)) if cfg.shard_seeds else 1
+    r = math.gcd(cfg.particles, len(devices) // s) if cfg.shard_particles else 1
+    if s * r == 1:
+        return None
+    return Mesh(np.asarray(devices[: s * r]).reshape(s, r), ("seeds", "particles"))
+
+
+def _shard_state(state: dict, mesh) -> dict:
+    """Place a group's stacked state on ``mesh``: every leaf's leading (seed) axis over ``"seeds"``, and the
+    particle axis of the ensembles and of their optimizer states (leaves ``(S, E, K+1, M, ., .)``) over
+    ``"particles"``. The jitted steps are unchanged; XLA adds the reduction over particles."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))), tree)
+    def put(spec):
+        return lambda a: jax.device_put(a, NamedSharding(mesh, spec))
+
+    seeds, particles = PartitionSpec("seeds"), PartitionSpec("seeds", None, None, "particles")
+    out = {k: jax.tree.map(put(seeds), v) for k, v in state.items()}
+    for k in ("ensembles", "opt_states"):
+        out[k] = jax.tree.map(lambda a: put(particles if a.ndim == 6 else seeds)(a), state[k])
+    return out
 
 
 def _run_group(cfg: RatesConfig, group: _Group, seeds: list, done: set, writer: _Writer, bar, dtype, mesh) -> None:
-    """One group, all its seeds at once (vmapped; the seed axis sharded over ``mesh`` when given)."""
+    """One group, all its seeds at once (vmapped; the state placed on ``mesh`` when given, see :func:`_mesh`)."""
     task, loss, opt, grid, beta, settings, models = _group_setup(cfg, group, dtype)
     states = [_init_seed(cfg, group, seed, task, opt, dtype) for seed in seeds]
     state = jax.tree.map(lambda *a: jnp.stack(a), *states)
     if mesh is not None:
-        state = _shard_seeds(state, mesh)
+        state = _shard_state(state, mesh)
     w0 = jnp.full((group.num_tokens,), 1.0 / group.num_tokens, dtype)
     lmax = math.lcm(*(L for L, _ in group.points))
     for step in range(cfg.steps + 1):
@@ -634,11 +664,7 @@ def run(cfg: RatesConfig, out_dir: str, *, progress: bool = True) -> dict:
     done = _read_done(csv_path)
     groups = _groups(cfg)
     seeds = list(range(cfg.seeds))
-    mesh = None
-    if cfg.shard_seeds and len(jax.devices()) > 1 and cfg.seeds % len(jax.devices()) == 0:
-        from .sharding import make_mesh
-
-        mesh = make_mesh()
+    mesh = _mesh(cfg)
     t0 = time.perf_counter()
     bar = None
     if progress:
@@ -671,7 +697,8 @@ def run(cfg: RatesConfig, out_dir: str, *, progress: bool = True) -> dict:
         "config": cfg_dict,
         "versions": _versions(),
         "device": {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-                   "platform": platform.platform(), "cpu_count": os.cpu_count()},
+                   "platform": platform.platform(), "cpu_count": os.cpu_count(),
+                   "mesh": None if mesh is None else dict(mesh.shape)},
         "elapsed_s_this_invocation": elapsed,
         "rows": len(rows),
     }  # fmt: skip

@@ -37,6 +37,7 @@ def test_quick_configuration_end_to_end(rates_quick_run):
         saved = json.load(f)
     assert {"fits", "config", "versions", "device", "rows"} <= set(saved)
     assert saved["config"]["task"] == "teacher_student"
+    assert saved["device"]["mesh"] is None  # one device
     free = saved["fits"]["final"]["uniform_err"]["free"]
     assert 0 <= free["alpha"] <= 3 and 0 <= free["gamma"] <= 3
     for name in summary["plots"]:
