@@ -1,6 +1,6 @@
 """The ``mfattn`` command line.
 
-    mfattn rates [--config FILE.toml] [--out DIR] [--quick]
+    mfattn rates [--config FILE.toml] [--out DIR] [--quick] [--host-devices N]
 
 measures how fast trained discrete transformers approach their mean-field limit, uniformly over inputs,
 as depth and heads grow, and fits the rates (results.csv, summary.json and plots in DIR; rerunning with the
@@ -71,6 +71,10 @@ def _gradcheck(args) -> int:
 def _rates(args) -> int:
     from .rates import load_config, run
 
+    if args.host_devices is not None:
+        from .sharding import force_host_devices
+
+        force_host_devices(args.host_devices)
     cfg = load_config(args.config, quick=args.quick)
     out = args.out or ("runs/rates-quick" if args.quick else "runs/rates")
     t0 = time.perf_counter()
@@ -182,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default=None, help="run folder (default runs/rates, or runs/rates-quick)")
     r.add_argument("--quick", action="store_true", help="a small configuration (about a minute) for smoke tests")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument(
+        "--host-devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="on CPU: split it into N simulated devices and run on their mesh (often faster on several cores)",
+    )
     r.set_defaults(func=_rates)
     ph = sub.add_parser("phase", help="clustering phase diagram on the circle: aligned pairs over (time, beta)")
     ph.add_argument("--out", default=None, help="output folder (default runs/phase, or runs/phase-quick)")

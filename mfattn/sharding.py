@@ -20,11 +20,14 @@ devices, which is how the tests check that sharded and single-device results agr
 
 from __future__ import annotations
 
+import os
+import re
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["make_mesh", "shard_particles", "shard_batch", "replicate"]
+__all__ = ["make_mesh", "shard_particles", "shard_batch", "replicate", "force_host_devices"]
 
 
 def make_mesh(devices=None, axis_name: str = "devices") -> Mesh:
@@ -66,3 +69,30 @@ def shard_batch(tree, mesh: Mesh):
 def replicate(tree, mesh: Mesh):
     """Place every leaf of ``tree`` whole on every device of the mesh."""
     return _put(tree, mesh, lambda x: PartitionSpec())
+
+
+def force_host_devices(n: int) -> None:
+    """Split the CPU into ``n`` simulated devices (``XLA_FLAGS=--xla_force_host_platform_device_count=n``).
+
+    XLA:CPU runs each device's program on its own threads, so on a multi-core CPU a mesh of simulated devices
+    can be faster than one device (``mfattn rates --host-devices``; see ``benchmarks/rates_mesh.py``). Call it
+    before anything has run on JAX: the flag is read when JAX first starts its CPU backend. Raises
+    ``RuntimeError`` (and leaves ``XLA_FLAGS`` as it was) when the backend is already running with another
+    count. On a GPU or TPU the CPU's devices are not used.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"force_host_devices: n must be a positive integer, got {n!r}.")
+    before = os.environ.get("XLA_FLAGS")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", before or "").split()
+    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
+    have = len(jax.devices("cpu"))
+    if have != n:
+        if before is None:
+            del os.environ["XLA_FLAGS"]
+        else:
+            os.environ["XLA_FLAGS"] = before
+        raise RuntimeError(
+            f"force_host_devices({n}): JAX's CPU backend is already running with {have} device(s). Call it "
+            f"before any JAX computation, or set XLA_FLAGS=--xla_force_host_platform_device_count={n} before "
+            "starting Python."
+        )

@@ -57,3 +57,23 @@ def test_rates_mesh_shape(no_jaxtyping):
     assert shape(seeds=4, particles=1024, shard_seeds=False) == {"seeds": 1, "particles": 8}
     assert _mesh(RatesConfig(seeds=2, particles=1024), devices[:1]) is None
     assert _mesh(RatesConfig(seeds=3, particles=5), devices[:4]) is None
+
+
+def test_force_host_devices():
+    """Before JAX runs anything the CPU splits into n devices; afterwards a clear error, XLA_FLAGS untouched."""
+    code = (
+        "from mfattn.sharding import force_host_devices; import jax; "
+        "force_host_devices(3); assert len(jax.devices()) == 3, jax.devices(); "
+        "force_host_devices(3)"  # the same count again is fine
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=7"  # replaced, not appended to
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jax.devices()  # this process's backend is running with its one CPU device
+    before = os.environ.get("XLA_FLAGS")
+    with pytest.raises(RuntimeError, match="already running with 1 device"):
+        sharding.force_host_devices(2)
+    assert os.environ.get("XLA_FLAGS") == before
+    with pytest.raises(ValueError, match="positive integer"):
+        sharding.force_host_devices(0)
