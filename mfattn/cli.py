@@ -69,14 +69,10 @@ def _gradcheck(args) -> int:
 
 
 def _rates(args) -> int:
-    from .rates import load_config, run
+    from .rates import run
 
-    if args.host_devices is not None:
-        from .sharding import force_host_devices
-
-        force_host_devices(args.host_devices)
-    cfg = load_config(args.config, quick=args.quick)
-    out = args.out or ("runs/rates-quick" if args.quick else "runs/rates")
+    cfg = args.rates_config
+    out = args.out
     t0 = time.perf_counter()
     summary = run(cfg, out, progress=not args.no_progress)
     elapsed = time.perf_counter() - t0
@@ -221,6 +217,21 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--beta must be >= 0")
         if args.causal and args.attention == "sinkhorn":
             parser.error("--causal is not defined for sinkhorn attention")
+    if args.command == "rates":
+        if args.host_devices is not None:
+            if args.host_devices < 1:
+                parser.error("--host-devices must be a positive integer")
+            from .sharding import force_host_devices
+
+            force_host_devices(args.host_devices)  # before anything runs on JAX
+        from .rates import check_folder, load_config
+
+        args.out = args.out or ("runs/rates-quick" if args.quick else "runs/rates")
+        try:
+            args.rates_config = load_config(args.config, quick=args.quick)
+            check_folder(args.rates_config, args.out)
+        except (OSError, ValueError) as err:  # a missing or unreadable file, bad TOML or setting, another run
+            parser.error(str(err))
     if args.command == "phase":
         try:
             _phase_config(args)

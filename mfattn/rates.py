@@ -71,7 +71,7 @@ from .particles import _adjoint, _forward
 from .tasks import TargetMeasure, TeacherStudent
 from .train import batch_grad_map
 
-__all__ = ["RatesConfig", "QUICK", "TASKS", "run", "load_config", "COLUMNS"]
+__all__ = ["RatesConfig", "QUICK", "TASKS", "run", "load_config", "check_folder", "COLUMNS"]
 
 #: The tasks ``RatesConfig.task`` accepts: each defines its target for *any* input sequence (see the module
 #: docstring), which the adjoint's terminal condition at an adversarial input needs.
@@ -218,7 +218,10 @@ def load_config(path: str | None = None, *, quick: bool = False) -> RatesConfig:
         except ModuleNotFoundError:  # Python < 3.11
             import tomli as tomllib
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"rates config {path}: not valid TOML: {e}") from None
         fields = {f.name for f in dataclasses.fields(RatesConfig)}
         unknown = sorted(set(data) - fields)
         if unknown:
@@ -635,6 +638,34 @@ def _evaluate(cfg, group, seeds, step, models, state, w0, lmax, keys, done, writ
             done.add(kk)
 
 
+#: Settings that change how a run executes, not what it computes: a run may resume with other values.
+EXECUTION_ONLY = ("shard_seeds", "shard_particles")
+
+
+def check_folder(cfg: RatesConfig, out_dir: str) -> None:
+    """``ValueError`` if ``out_dir`` holds a run of another configuration (resuming it would mix two runs).
+
+    A key the folder's ``config.json`` lacks was added to :class:`RatesConfig` later: that run used its
+    default. The settings of :data:`EXECUTION_ONLY` are not compared."""
+    config_path = os.path.join(out_dir, "config.json")
+    if not os.path.exists(config_path):
+        return
+    with open(config_path) as f:
+        previous = json.load(f)
+    defaults = json.loads(json.dumps(dataclasses.asdict(RatesConfig())))
+    previous = {**{k: v for k, v in defaults.items() if k not in previous}, **previous}
+    current = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    for k in EXECUTION_ONLY:
+        previous.pop(k, None)
+        current.pop(k, None)
+    if previous != current:
+        changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        raise ValueError(
+            f"rates: {out_dir} holds a run with a different configuration ({config_path}; differs in "
+            f"{', '.join(changed)}); use another --out, or delete the folder to start over."
+        )
+
+
 def run(cfg: RatesConfig, out_dir: str, *, progress: bool = True) -> dict:
     """Run (or resume) the experiment into ``out_dir``; return the summary (also written to summary.json)."""
     from . import fits
@@ -643,22 +674,12 @@ def run(cfg: RatesConfig, out_dir: str, *, progress: bool = True) -> dict:
     if cfg.precision == "float64" and not jax.config.jax_enable_x64:
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.float64 if cfg.precision == "float64" else jnp.float32
+    check_folder(cfg, out_dir)
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, "results.csv")
     config_path = os.path.join(out_dir, "config.json")
     cfg_dict = dataclasses.asdict(cfg)
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            previous = json.load(f)
-        # A key the folder's config lacks was added to RatesConfig later: that run used its default.
-        defaults = json.loads(json.dumps(dataclasses.asdict(RatesConfig())))
-        previous = {**{k: v for k, v in defaults.items() if k not in previous}, **previous}
-        if previous != json.loads(json.dumps(cfg_dict)):
-            raise ValueError(
-                f"rates: {out_dir} holds a run with a different configuration ({config_path}); "
-                "use another --out, or delete the folder to start over."
-            )
-    else:
+    if not os.path.exists(config_path):
         with open(config_path, "w") as f:
             json.dump(cfg_dict, f, indent=2)
     done = _read_done(csv_path)

@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -169,7 +170,8 @@ def test_a_run_folder_from_before_new_settings_still_resumes(tmp_path):
     # defaults, so the folder is the same configuration (nothing to compute: every row is there).
     cfg = RatesConfig(depths=(1,), heads=(1,), seeds=1, steps=0).validate()
     old = {k: v for k, v in json.loads(json.dumps(cfg.__dict__)).items()
-           if k not in ("task", "target_points", "mmd_bandwidth")}  # fmt: skip
+           if k not in ("task", "target_points", "mmd_bandwidth", "shard_particles")}  # fmt: skip
+    old["shard_seeds"] = False  # execution only: not compared
     (tmp_path / "config.json").write_text(json.dumps(old))
     row = dict.fromkeys(COLUMNS, "1")
     row.update(sweep="LH", optimizer="adamw", depth="1", heads="1", num_tokens="4", dim="2", seed="0", step="0",
@@ -180,3 +182,29 @@ def test_a_run_folder_from_before_new_settings_still_resumes(tmp_path):
         w.writerow(row)
     summary = run(cfg, str(tmp_path), progress=False)
     assert summary["rows"] == 1
+
+
+def test_command_line_errors_before_any_work(tmp_path, capsys):
+    """Bad options, files and run folders stop ``mfattn rates`` with a usage error (exit status 2)."""
+    from mfattn import cli
+
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("seeds = [\n")
+    bad_value = tmp_path / "value.toml"
+    bad_value.write_text("seeds = -1\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"dim": 99}))
+    cases = [
+        (["--host-devices", "0"], "--host-devices must be a positive integer"),
+        (["--config", str(tmp_path / "missing.toml")], "No such file"),
+        (["--config", str(bad_toml)], "not valid TOML"),
+        (["--config", str(bad_value)], "seeds must be a positive integer"),
+        (["--out", str(other)], "different configuration .* differs in .*dim"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["rates", "--quick", *argv])
+        assert exc.value.code == 2
+        assert re.search(message, capsys.readouterr().err), argv
+    assert sorted(os.listdir(other)) == ["config.json"]  # nothing was written
