@@ -78,9 +78,9 @@ def _head_backward(spec, wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, 
     n = tokens.shape[0]
     live = weights > 0
     m = weights[:, None]
-    mm = _matmul(spec)  # the N x N x k and projection products (mixed precision when asked)
-    kk = mm(keys, wk)
-    v = mm(keys, wv)
+    mm, proj = _matmul(spec), _matmul(spec, shared=True)  # mixed precision when asked
+    kk = proj(keys, wk)
+    v = proj(keys, wv)
     rows = dict(x=tokens, p=adjoints, w=weights, i=jnp.arange(n))
     chunk = spec.chunk
     if cache is not None or chunk is None or chunk >= n:
@@ -112,13 +112,13 @@ def _head_backward(spec, wq, wk, wv, wo, tokens, keys, weights, adjoints, beta, 
     live_keys = live[:, None]
     out = {}
     if field:
-        out["term1"] = beta * mm(out_rows["delta_k"], wq.T)
-        out["term2"] = mm(acc["ut_ma"], wv.T) + beta * mm(key_term, wk.T)
+        out["term1"] = beta * proj(out_rows["delta_k"], wq.T)
+        out["term2"] = proj(acc["ut_ma"], wv.T) + beta * proj(key_term, wk.T)
     if grad:
         out["grad"] = (
             beta * acc["dwq"],  # dW_Q
-            beta * mm(keys.T, jnp.where(live_keys, m * key_term, 0)),  # dW_K
-            mm(keys.T, jnp.where(live_keys, m * acc["ut_ma"], 0)),  # dW_V
+            beta * proj(keys.T, jnp.where(live_keys, m * key_term, 0)),  # dW_K
+            proj(keys.T, jnp.where(live_keys, m * acc["ut_ma"], 0)),  # dW_V
             acc["dwo"],  # dW_O
         )
     return out
@@ -163,9 +163,10 @@ def _backward_rows(spec, wq, wo, rows, kk, v, weights, beta, mm, cache=None):
     x, p, w, idx = rows["x"], rows["p"], rows["w"], rows["i"]
     m_rows = w[:, None]
     live_rows = (w > 0)[:, None]
-    q = mm(x, wq)
+    proj = _matmul(spec, shared=True)
+    q = proj(x, wq)
     u, rz, vbar = _kernel_rows(spec, q, kk, v, weights, beta, idx, mm) if cache is None else cache
-    a = mm(p, wo)  # (R, k): a_i = W_O^T p_i
+    a = proj(p, wo)  # (R, k): a_i = W_O^T p_i
     e = mm(a, v.T)  # (R, N): <a_i, W_V^T x_j>
     if spec.normalized:
         # dev_ij = e_ij - ebar_i by one step of iterative refinement: centre at c_i = <a_i, vbar_i>, then
@@ -186,8 +187,8 @@ def _backward_rows(spec, wq, wo, rows, kk, v, weights, beta, mm, cache=None):
     acc = {
         "ut_ma": mm(u.T, ma),  # (N, k): [U^T (m a)]
         "key_term": mm(udl.T, mq),  # (N, k): [(U * D)^T (m Q)], the score's derivative in the key
-        "dwq": mm(x.T, jnp.where(live_rows, m_rows * delta_k, 0)),
-        "dwo": mm(jnp.where(live_rows, m_rows * p, 0).T, vbar),
+        "dwq": proj(x.T, jnp.where(live_rows, m_rows * delta_k, 0)),
+        "dwo": proj(jnp.where(live_rows, m_rows * p, 0).T, vbar),
     }
     if spec.kind == "l2":
         acc["colsum"] = udl.T @ (jnp.where(live_rows, m_rows, 0) * rz)  # (N, 1)
@@ -322,12 +323,12 @@ def cached_forward_layer(theta, tokens, weights, *, beta, radius=None, attention
     spec = as_attention(attention)
     beta = beta * spec.scale(theta.wq.shape[-1])
     keys = project_ball(tokens, radius)
-    mm = _matmul(spec)
+    mm, proj = _matmul(spec), _matmul(spec, shared=True)
 
     def head(wq, wk, wv, wo):
-        kk, v = mm(keys, wk), mm(keys, wv)
-        u, rz, vbar = _kernel_rows(spec, mm(tokens, wq), kk, v, weights, beta, jnp.arange(tokens.shape[0]), mm)
-        return mm(vbar, wo.T), (u, rz, vbar)
+        kk, v = proj(keys, wk), proj(keys, wv)
+        u, rz, vbar = _kernel_rows(spec, proj(tokens, wq), kk, v, weights, beta, jnp.arange(tokens.shape[0]), mm)
+        return proj(vbar, wo.T), (u, rz, vbar)
 
     out, cache = over_heads(head, (theta.wq, theta.wk, theta.wv, theta.wo), tokens.shape[0])
     return jnp.mean(out, axis=0), cache

@@ -53,6 +53,7 @@ class Case:
     padding: bool = True
     radius: float | None = None
     seed: int = 0
+    unnormalized_beta: float = 3.0  # the cap on beta for e^{s} without normalisation, which grows fast
 
     def __str__(self):
         return f"L{self.depth}H{self.heads}N{self.tokens}-beta{self.beta}-pad{int(self.padding)}-R{self.radius}"
@@ -61,6 +62,8 @@ class Case:
 CASES = [
     Case(beta=30.0, tokens=6, radius=1.2),  # large beta, padding, the projection, non-uniform weights
     Case(tokens=1, heads=1, padding=False, seed=1),  # N = 1, H = 1
+    # the rates experiment's sizes: on CPU every per-head product is a broadcast sum (attention.TINY_PRODUCT)
+    Case(tokens=4, dim=2, head_dim=2, beta=8.0, seed=2, unnormalized_beta=1.0),
 ]
 
 
@@ -93,7 +96,7 @@ def rel(a, b):
 def test_variant_against_oracle(name, c):
     spec = VARIANTS[name]
     if spec.kind == "unnormalized":  # e^{s} without normalisation overflows at large beta by design
-        c = dataclasses.replace(c, beta=min(c.beta, 3.0))
+        c = dataclasses.replace(c, beta=min(c.beta, c.unnormalized_beta))
     params, x0, m, targets = instance(c, spec)
     kw = dict(beta=c.beta, weights=m, radius=c.radius, attention=spec)
     loss = TokenRegression()
@@ -222,6 +225,39 @@ def test_sequential_and_vectorised_heads_agree(monkeypatch):
         results.append(run(theta, x0, p))
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
         assert rel(b, a) <= 1e-12
+
+
+def test_tiny_products_without_dots_agree_with_dots(monkeypatch):
+    """On CPU, tiny per-head products are broadcast sums (TINY_PRODUCT): no dot is left in them,
+    larger ones stay dots, and the velocity, adjoint field and gradient maps equal the all-dots path to 1e-13
+    (float64, N = 4, d = k = 2, padding, 16 heads)."""
+    import importlib
+
+    from mfattn.adjoint import adjoint_field_and_grad_map
+
+    attention_module = importlib.import_module("mfattn.attention")
+    a, b = jnp.ones((4, 2)), jnp.ones((2, 4))
+    dots = lambda f, *args: "dot_general" in str(jax.make_jaxpr(f)(*args))  # noqa: E731
+    on_cpu = jax.default_backend() == "cpu"
+    assert dots(attention_module._per_head_matmul, a, b) != on_cpu
+    assert dots(attention_module._per_head_matmul, jnp.ones((8, 4)), jnp.ones((4, 8)))  # 256 > 64: a dot
+    assert dots(attention_module._matmul(Attention(), shared=True), a, b)  # projections stay dots
+    c = Case(depth=1, heads=16, tokens=4, dim=2, head_dim=2, beta=3.0)
+    params, x0, m, _ = instance(c, Attention())
+    theta = jax.tree.map(lambda t: t[0], params)
+    p = jax.random.normal(jax.random.key(3), x0.shape, jnp.float64)
+    results = []
+    for bound in (attention_module.TINY_PRODUCT, 0):  # broadcast sums, then dots; a fresh jit traces each
+        monkeypatch.setattr(attention_module, "TINY_PRODUCT", bound)
+        run = jax.jit(
+            lambda th, x, p: (
+                mfattn.velocity(th, x, x, m, beta=c.beta),
+                adjoint_field_and_grad_map(th, x, p, m, beta=c.beta),
+            )
+        )
+        results.append(run(theta, x0, p))
+    for u, d in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        assert rel(u, d) <= 1e-13
 
 
 @pytest.mark.parametrize("name", ["causal-l2", "sigmoid", "sinkhorn-sphere"])
