@@ -223,8 +223,8 @@ def over_heads(fn, heads, n_tokens: int):
 #: N = 4, d = k = 2 (the rates experiment's default) the velocity took 560 us, the adjoint field 1996 us and the
 #: gradient map 2125 us, and with this 205, 385 and 368 us (best of 7). Unrolling the contraction into a sum of
 #: outer products ran a little faster still but compiled slower (the quick rates run's ascent: 29 s against
-#: 22 s). Larger products stay dots: at N = 8, d = k = 2 a bound of 128 with contractions up to 8 made the
-#: velocity slower (300 to 675 us); from N = 8 on nothing changes.
+#: 22 s). Larger products stay dots: at N = 8, d = k = 2, unrolled products with a bound of 128 and
+#: contractions up to 8 made the velocity slower (300 to 675 us); from N = 8 on nothing changes.
 TINY_PRODUCT = 64
 
 

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         metavar="N",
-        help="on CPU: split it into N simulated devices and run on their mesh (often faster on several cores)",
+        help="on CPU: split it into N simulated devices and run on their mesh (whether it pays depends on the sizes)",
     )
     r.set_defaults(func=_rates)
     ph = sub.add_parser("phase", help="clustering phase diagram on the circle: aligned pairs over (time, beta)")
