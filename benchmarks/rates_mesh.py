@@ -58,8 +58,7 @@ def main(argv=None):
     import numpy as np
     from _util import machine, write_json
 
-    from mfattn import limit, rates
-    from mfattn.train import batch_grad_map
+    from mfattn import rates
 
     cfg = rates.load_config(quick=args.quick)
     group = rates._groups(cfg)[0]
@@ -81,23 +80,14 @@ def main(argv=None):
     @eqx.filter_jit
     def limit_part(params, data_key, step):
         def one(st, key):
-            b = sample(jax.random.fold_in(jax.random.wrap_key_data(key), step), batch)
-            return jax.vmap(
-                lambda ens: limit._batch_grad_map(
-                    ens, b.tokens, b.weights, b.targets, loss, beta, None, grid, "linear", settings, st["coupled"]
-                )
-            )(st["ensembles"])
+            return rates._limit_grads(st, rates._seed_batch(key, sample, batch, step), loss, beta, grid, settings)
 
         return jax.vmap(one)(params, data_key)
 
     @eqx.filter_jit
     def discrete_part(params, data_key, step):
         def one(st, key):
-            b = sample(jax.random.fold_in(jax.random.wrap_key_data(key), step), batch)
-            return tuple(
-                batch_grad_map(p, b.tokens, b.weights, b.targets, loss, beta=beta, attention=settings.attention)[1]
-                for p in st["discrete"]
-            )
+            return rates._discrete_grads(st, rates._seed_batch(key, sample, batch, step), loss, beta, settings)
 
         return jax.vmap(one)(params, data_key)
 

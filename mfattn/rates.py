@@ -465,29 +465,42 @@ def _init_seed(cfg: RatesConfig, group: _Group, seed: int, task, opt, dtype) -> 
 _PARAMS = ("ensembles", "coupled", "discrete")  # the trained parameters of a seed's state
 
 
+def _seed_batch(data_key, sample, batch_size: int, step):
+    """The batch of training step ``step`` on one seed's data stream (``data_key``: raw key data)."""
+    return sample(jax.random.fold_in(jax.random.wrap_key_data(data_key), step), batch_size)
+
+
+def _limit_grads(st: dict, batch, loss, beta, grid, settings):
+    """One seed's limit gradients on ``batch``: the stacked ensembles' (A, and B for the Monte-Carlo check;
+    vmapped, so the body compiles once) and the coupled heads', which follow ensemble A's (paper eq. 23)."""
+
+    def one(ens):
+        return limit._batch_grad_map(
+            ens, batch.tokens, batch.weights, batch.targets, loss, beta, None, grid, "linear", settings, st["coupled"]
+        )
+
+    _, g_ens, g_c = jax.vmap(one)(st["ensembles"])
+    return g_ens, jax.tree.map(lambda a: a[0], g_c)
+
+
+def _discrete_grads(st: dict, batch, loss, beta, settings) -> tuple:
+    """One seed's discrete model gradients on ``batch``, every sweep point (its own gradients, hand adjoint)."""
+    return tuple(
+        batch_grad_map(p, batch.tokens, batch.weights, batch.targets, loss, beta=beta, attention=settings.attention)[1]
+        for p in st["discrete"]
+    )
+
+
 @eqx.filter_jit
 def _grads_seeds(params: dict, data_key, loss, beta, grid, settings, sample, batch_size: int, step):
     """The gradients of one training step of every seed (vmapped), each seed on its own data stream (shared
-    by its discrete models and its limit): the stacked ensembles (A, and B for the Monte-Carlo check;
-    vmapped, so the body compiles once), the coupled heads, which follow ensemble A's gradients (paper eq.
-    23), and the discrete model of every sweep point (its own gradients, hand adjoint). Independent of the
+    by its discrete models and its limit): :func:`_limit_grads` and :func:`_discrete_grads`. Independent of the
     optimizer, so that one compilation serves AdamW and blockwise AdamW (the d sweep runs both)."""
 
     def one(st, data_key):
-        b = sample(jax.random.fold_in(jax.random.wrap_key_data(data_key), step), batch_size)
-        tokens, weights, targets = b.tokens, b.weights, b.targets
-
-        def limit_grads(ens):
-            return limit._batch_grad_map(
-                ens, tokens, weights, targets, loss, beta, None, grid, "linear", settings, st["coupled"]
-            )
-
-        _, g_ens, g_c = jax.vmap(limit_grads)(st["ensembles"])
-        g_disc = tuple(
-            batch_grad_map(p, tokens, weights, targets, loss, beta=beta, attention=settings.attention)[1]
-            for p in st["discrete"]
-        )
-        return {"ensembles": g_ens, "coupled": jax.tree.map(lambda a: a[0], g_c), "discrete": g_disc}
+        b = _seed_batch(data_key, sample, batch_size, step)
+        g_ens, g_c = _limit_grads(st, b, loss, beta, grid, settings)
+        return {"ensembles": g_ens, "coupled": g_c, "discrete": _discrete_grads(st, b, loss, beta, settings)}
 
     return jax.vmap(one)(params, data_key)
 

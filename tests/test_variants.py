@@ -201,21 +201,23 @@ def test_query_chunks_and_kept_attention_give_the_same_numbers(spec):
         Attention(chunk=4, remat=False)
 
 
-def test_sequential_and_vectorised_heads_agree(monkeypatch):
-    """On CPU, from SEQUENTIAL_HEADS_FROM tokens on, heads run one after the other (lax.map) instead of
-    vmapped: the same velocity, adjoint field and gradient maps to 1e-12 (float64, N = 130, padding)."""
+def _attention_module():
     import importlib
 
+    return importlib.import_module("mfattn.attention")  # (mfattn.attention is also a function)
+
+
+def _layer_kernels_under(monkeypatch, setting: str, values, c: Case) -> list:
+    """One layer's velocity, adjoint field and gradient maps (softmax, float64, ``c``'s instance) with the
+    module setting ``mfattn.attention.<setting>`` set to each of ``values`` (a fresh jit traces each)."""
     from mfattn.adjoint import adjoint_field_and_grad_map
 
-    attention_module = importlib.import_module("mfattn.attention")  # (mfattn.attention is also a function)
-    c = Case(depth=1, heads=3, tokens=130, dim=3, head_dim=2, beta=2.0)
     params, x0, m, _ = instance(c, Attention())
     theta = jax.tree.map(lambda a: a[0], params)
     p = jax.random.normal(jax.random.key(3), x0.shape, jnp.float64)
     results = []
-    for threshold in (10**9, 1):  # vmap, then lax.map (on CPU); a fresh jit traces with the new setting
-        monkeypatch.setattr(attention_module, "SEQUENTIAL_HEADS_FROM", threshold)
+    for value in values:
+        monkeypatch.setattr(_attention_module(), setting, value)
         run = jax.jit(
             lambda th, x, p: (
                 mfattn.velocity(th, x, x, m, beta=c.beta),
@@ -223,7 +225,15 @@ def test_sequential_and_vectorised_heads_agree(monkeypatch):
             )
         )
         results.append(run(theta, x0, p))
-    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    return results
+
+
+def test_sequential_and_vectorised_heads_agree(monkeypatch):
+    """On CPU, from SEQUENTIAL_HEADS_FROM tokens on, heads run one after the other (lax.map) instead of
+    vmapped: the same velocity, adjoint field and gradient maps to 1e-12 (float64, N = 130, padding)."""
+    c = Case(depth=1, heads=3, tokens=130, dim=3, head_dim=2, beta=2.0)
+    vmapped, sequential = _layer_kernels_under(monkeypatch, "SEQUENTIAL_HEADS_FROM", (10**9, 1), c)
+    for a, b in zip(jax.tree.leaves(vmapped), jax.tree.leaves(sequential)):
         assert rel(b, a) <= 1e-12
 
 
@@ -231,11 +241,7 @@ def test_tiny_products_without_dots_agree_with_dots(monkeypatch):
     """On CPU, tiny per-head products are broadcast sums (TINY_PRODUCT): no dot is left in them,
     larger ones stay dots, and the velocity, adjoint field and gradient maps equal the all-dots path to 1e-13
     (float64, N = 4, d = k = 2, padding, 16 heads)."""
-    import importlib
-
-    from mfattn.adjoint import adjoint_field_and_grad_map
-
-    attention_module = importlib.import_module("mfattn.attention")
+    attention_module = _attention_module()
     a, b = jnp.ones((4, 2)), jnp.ones((2, 4))
     dots = lambda f, *args: "dot_general" in str(jax.make_jaxpr(f)(*args))  # noqa: E731
     on_cpu = jax.default_backend() == "cpu"
@@ -243,20 +249,8 @@ def test_tiny_products_without_dots_agree_with_dots(monkeypatch):
     assert dots(attention_module._per_head_matmul, jnp.ones((8, 4)), jnp.ones((4, 8)))  # 256 > 64: a dot
     assert dots(attention_module._matmul(Attention(), shared=True), a, b)  # projections stay dots
     c = Case(depth=1, heads=16, tokens=4, dim=2, head_dim=2, beta=3.0)
-    params, x0, m, _ = instance(c, Attention())
-    theta = jax.tree.map(lambda t: t[0], params)
-    p = jax.random.normal(jax.random.key(3), x0.shape, jnp.float64)
-    results = []
-    for bound in (attention_module.TINY_PRODUCT, 0):  # broadcast sums, then dots; a fresh jit traces each
-        monkeypatch.setattr(attention_module, "TINY_PRODUCT", bound)
-        run = jax.jit(
-            lambda th, x, p: (
-                mfattn.velocity(th, x, x, m, beta=c.beta),
-                adjoint_field_and_grad_map(th, x, p, m, beta=c.beta),
-            )
-        )
-        results.append(run(theta, x0, p))
-    for u, d in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    fused, dotted = _layer_kernels_under(monkeypatch, "TINY_PRODUCT", (attention_module.TINY_PRODUCT, 0), c)
+    for u, d in zip(jax.tree.leaves(fused), jax.tree.leaves(dotted)):
         assert rel(u, d) <= 1e-13
 
 
