@@ -8,13 +8,20 @@ batch-mean loss; with the same seed both methods give the same parameters (to fl
 
 The loop scans ``log_every`` steps at a time inside one compiled function (no host synchronisation
 inside a chunk), draws step ``s``'s batch with ``jax.random.fold_in(key, s)`` (so a resumed run is
-identical to an uninterrupted one), and checkpoints ``(params, opt_state, step, key)`` atomically.
+identical to an uninterrupted one), and checkpoints ``(params, opt_state, step, key)``, the history and the
+run's configuration atomically, as one file.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import io
 import json
 import os
+import types
+import zipfile
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -180,8 +187,11 @@ def train(
         method: ``"adjoint"`` or ``"autodiff"`` (see :func:`batch_grad_map`).
         attention: the kernel and scalings (:class:`~mfattn.Attention` or a kind string; default softmax).
         log_every: steps per compiled chunk; one history row per step, block norms once per chunk.
-        checkpoint_dir: if given, ``(params, opt_state, step, key)`` and the history are written there
-            after every chunk, and a run started with the same directory resumes from them.
+        checkpoint_dir: if given, ``(params, opt_state, step, key)``, the history and the run's configuration
+            are written there after every chunk as one file (``checkpoint.mfattn``, replaced atomically), and a
+            run started with the same directory resumes from it. Resuming with another configuration (optimizer
+            or its learning rate..., key, batch size, beta, radius, method, attention, task, parameter shapes)
+            is a ``ValueError`` naming the settings; ``steps`` may grow (the run continues to it).
         progress: show a tqdm progress bar.
         callback: called as ``callback(step, row)`` after every chunk with that chunk's last row.
 
@@ -212,8 +222,18 @@ def train(
 
     state = TrainState(params, optimizer.init(params), jnp.asarray(0, jnp.int32), key)
     history = {"step": [], "loss": [], "grad_norm": [], "max_abs_param": [], "block_norms_step": [], "block_norms": []}
-    if checkpoint_dir is not None and os.path.exists(os.path.join(checkpoint_dir, "state.eqx")):
-        state, history = load_checkpoint(checkpoint_dir, state)
+    config = None
+    if checkpoint_dir is not None:
+        config = _run_config(
+            task, params, optimizer, batch_size=batch_size, beta=beta, radius=radius, method=method, spec=spec, key=key
+        )
+        checkpoint_dir = os.fspath(checkpoint_dir)
+        if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+            raise ValueError(f"train: checkpoint_dir {checkpoint_dir} is a file, not a folder.")
+        if os.path.exists(os.path.join(checkpoint_dir, CHECKPOINT)) or os.path.exists(
+            os.path.join(checkpoint_dir, "state.eqx")
+        ):
+            state, history = load_checkpoint(checkpoint_dir, state, config)
 
     bar = None
     if progress:
@@ -235,7 +255,7 @@ def train(
                 f"train: loss became non-finite at step {first + int(np.argmin(np.isfinite(metrics['loss'])))}."
             )
         if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir, state, history)
+            save_checkpoint(checkpoint_dir, state, history, config)
         if bar is not None:
             bar.update(n)
             bar.set_postfix(loss=f"{history['loss'][-1]:.4g}")
@@ -250,27 +270,190 @@ def _to_serialisable(state: TrainState):
     return state._replace(key=jax.random.key_data(state.key))
 
 
-def save_checkpoint(directory: str | os.PathLike, state: TrainState, history: dict | None = None) -> None:
-    """Write ``state`` (and ``history`` as JSON) to ``directory`` atomically (write, then rename)."""
+#: The checkpoint file in ``checkpoint_dir``: a zip archive of ``state.eqx`` (the :class:`TrainState`),
+#: ``history.json`` and ``config.json`` (the run's configuration), written as one file (temporary name, then
+#: ``os.replace``), so that state, history and configuration always belong together.
+CHECKPOINT = "checkpoint.mfattn"
+_PARTS = ("state.eqx", "history.json", "config.json")
+#: Readable names of the configuration entries, for messages.
+_NAMES = {
+    "optimizer": "optimizer (its settings, e.g. the learning rate)",
+    "key": "key",
+    "batch_size": "batch_size",
+    "beta": "beta",
+    "radius": "radius",
+    "method": "method",
+    "task": "task",
+    "params": "params (shape or dtype)",
+}
+
+
+def _fingerprint_parts(obj, out: list, seen: set, depth: int = 0) -> None:
+    """Append a process-independent description of ``obj`` to ``out``: the constants and function names
+    reachable from it (closures, defaults, partials, containers, object attributes), never addresses."""
+    if depth > 60:
+        out.append("...")
+        return
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        out.append(repr(obj))
+        return
+    if isinstance(obj, (np.ndarray, np.generic, jax.Array)):
+        a = np.asarray(obj)
+        out.append(f"array{a.shape}{a.dtype}:{hashlib.sha256(a.tobytes()).hexdigest()[:16]}")
+        return
+    if id(obj) in seen:
+        out.append("<cycle>")
+        return
+    seen.add(id(obj))
+    if isinstance(obj, types.ModuleType):
+        out.append(f"module {obj.__name__}")
+    elif isinstance(obj, type):
+        out.append(f"class {obj.__module__}.{obj.__qualname__}")
+    elif isinstance(obj, functools.partial):
+        out.append("partial")
+        for part in (obj.func, obj.args, obj.keywords):
+            _fingerprint_parts(part, out, seen, depth + 1)
+    elif isinstance(obj, types.FunctionType):
+        out.append(f"fn {obj.__module__}.{obj.__qualname__}")
+        for part in (obj.__defaults__, obj.__kwdefaults__):
+            _fingerprint_parts(part, out, seen, depth + 1)
+        for cell in obj.__closure__ or ():
+            try:
+                _fingerprint_parts(cell.cell_contents, out, seen, depth + 1)
+            except ValueError:  # an empty cell
+                out.append("<empty>")
+    elif isinstance(obj, types.MethodType):
+        _fingerprint_parts(obj.__func__, out, seen, depth + 1)
+        _fingerprint_parts(obj.__self__, out, seen, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        out.append(f"{type(obj).__name__}[{len(obj)}]")
+        for x in obj:
+            _fingerprint_parts(x, out, seen, depth + 1)
+    elif isinstance(obj, dict):
+        out.append(f"dict[{len(obj)}]")
+        for k in sorted(obj, key=repr):
+            out.append(repr(k))
+            _fingerprint_parts(obj[k], out, seen, depth + 1)
+    elif callable(obj) and not hasattr(obj, "__dict__"):  # builtins, numpy ufuncs, ...
+        out.append(f"callable {getattr(obj, '__qualname__', type(obj).__qualname__)}")
+    else:
+        out.append(f"object {type(obj).__module__}.{type(obj).__qualname__}")
+        attrs = dict(vars(obj)) if hasattr(obj, "__dict__") else {}
+        if dataclasses.is_dataclass(obj):
+            attrs.update({f.name: getattr(obj, f.name, None) for f in dataclasses.fields(obj)})
+        _fingerprint_parts(attrs, out, seen, depth + 1)
+
+
+def _digest(obj) -> str:
+    parts: list = []
+    _fingerprint_parts(obj, parts, set())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _run_config(task, params, optimizer, *, batch_size, beta, radius, method, spec, key) -> dict:
+    """What a checkpoint must agree with to be resumed: everything that changes the numbers of a step
+    (not ``steps``, the target, nor ``log_every``, the chunking, nor the execution-only attention settings)."""
+    attention = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("chunk", "remat")}
+    return {
+        "optimizer": _digest(optimizer),
+        "key": np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key).tolist(),
+        "batch_size": batch_size,
+        "beta": float(beta),
+        "radius": None if radius is None else float(radius),
+        "method": method,
+        "attention": json.loads(json.dumps(attention, default=str)),
+        "task": f"{type(task).__module__}.{type(task).__qualname__}:{_digest(task)}",
+        "params": [list(params.wq.shape), str(params.wq.dtype)],
+    }
+
+
+def _differences(stored: dict, current: dict) -> list[str]:
+    names = []
+    for k in sorted(set(stored) | set(current)):
+        a, b = stored.get(k), current.get(k)
+        if k == "attention" and isinstance(a, dict) and isinstance(b, dict):
+            names += [f"attention.{f}" for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+        elif a != b:
+            names.append(_NAMES.get(k, k))
+    return names
+
+
+def save_checkpoint(
+    directory: str | os.PathLike, state: TrainState, history: dict | None = None, config: dict | None = None
+) -> None:
+    """Write ``state``, ``history`` and ``config`` (JSON-able dicts) to ``directory/checkpoint.mfattn`` as one
+    unit: a zip archive written under a temporary name, fsynced, then renamed over the previous one (a crash
+    leaves either the old checkpoint or the new, never a mix)."""
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, "state.eqx.tmp")
-    eqx.tree_serialise_leaves(tmp, _to_serialisable(state))
-    os.replace(tmp, os.path.join(directory, "state.eqx"))
-    if history is not None:
-        tmp = os.path.join(directory, "history.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(history, f)
-        os.replace(tmp, os.path.join(directory, "history.json"))
+    path = os.path.join(directory, CHECKPOINT)
+    buf = io.BytesIO()
+    eqx.tree_serialise_leaves(buf, _to_serialisable(state))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
+            z.writestr("state.eqx", buf.getvalue())
+            z.writestr("history.json", json.dumps(history if history is not None else {}))
+            z.writestr("config.json", json.dumps(config if config is not None else {}, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
-def load_checkpoint(directory: str | os.PathLike, like: TrainState) -> tuple[TrainState, dict]:
-    """Read a checkpoint written by :func:`save_checkpoint`; ``like`` gives the structure and shapes."""
+def load_checkpoint(
+    directory: str | os.PathLike, like: TrainState, config: dict | None = None
+) -> tuple[TrainState, dict]:
+    """Read the checkpoint :func:`save_checkpoint` wrote to ``directory``; ``like`` gives the structure and
+    shapes. With ``config``, ``ValueError`` naming the settings in which the checkpoint's differs.
+
+    ``ValueError`` (naming the file and what to do) for a missing, damaged or incomplete checkpoint, one of
+    other shapes, or one in the old two-file format (``state.eqx`` and ``history.json``)."""
+    directory = os.fspath(directory)
+    path = os.path.join(directory, CHECKPOINT)
+    restart = f"delete {path} to start the run over from step 0"
+    if not os.path.exists(path):
+        if os.path.exists(os.path.join(directory, "state.eqx")):
+            raise ValueError(
+                f"train: {directory} holds a checkpoint in the old format (state.eqx and history.json, saved "
+                "without the run's configuration), which cannot be checked against this run; use another "
+                "checkpoint_dir, or delete state.eqx and history.json there to start over."
+            )
+        raise ValueError(f"train: no checkpoint in {directory} (expected {path}).")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+            missing = [p for p in _PARTS if p not in names]
+            if missing:
+                raise ValueError(f"train: the checkpoint {path} lacks {', '.join(missing)}; {restart}.")
+            bad = z.testzip()
+            if bad is not None:
+                raise ValueError(f"train: the checkpoint {path} is damaged (its part {bad}); {restart}.")
+            raw = {p: z.read(p) for p in _PARTS}
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise ValueError(f"train: the checkpoint {path} is damaged or unreadable ({err}); {restart}.") from None
+    try:
+        history = json.loads(raw["history.json"])
+        stored = json.loads(raw["config.json"])
+    except ValueError as err:
+        raise ValueError(f"train: the checkpoint {path} has unreadable JSON ({err}); {restart}.") from None
+    if config is not None:
+        changed = _differences(stored, json.loads(json.dumps(config)))
+        if changed:
+            raise ValueError(
+                f"train: {path} holds a run with a different configuration (differs in {', '.join(changed)}); "
+                f"use another checkpoint_dir, or {restart}."
+            )
     template = _to_serialisable(like)
-    state = eqx.tree_deserialise_leaves(os.path.join(directory, "state.eqx"), template)
+    try:
+        state = eqx.tree_deserialise_leaves(io.BytesIO(raw["state.eqx"]), template)
+    except Exception as err:  # wrong shapes or structure: equinox/numpy raise various types
+        raise ValueError(
+            f"train: the state in {path} does not fit this run (other shapes or optimizer state: "
+            f"{type(err).__name__}: {err}); use another checkpoint_dir, or {restart}."
+        ) from None
     state = state._replace(key=jax.random.wrap_key_data(state.key, impl=jax.random.key_impl(like.key)))
-    history = {}
-    path = os.path.join(directory, "history.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            history = json.load(f)
+    if history and len(history.get("step", [])) != int(state.step):
+        raise ValueError(
+            f"train: the checkpoint {path} is inconsistent (history has {len(history.get('step', []))} steps, "
+            f"the state {int(state.step)}); {restart}."
+        )
     return state, history

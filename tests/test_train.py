@@ -109,7 +109,7 @@ def test_resume_is_identical_to_an_uninterrupted_run(tmp_path):
     full, hist_full = train(task, params, optim.blockwise_adamw(1e-2), steps=12, **kw)
     ckpt = tmp_path / "run"
     part, _ = train(task, params, optim.blockwise_adamw(1e-2), steps=8, checkpoint_dir=ckpt, **kw)
-    assert int(part.step) == 8 and (ckpt / "state.eqx").exists()
+    assert int(part.step) == 8 and sorted(p.name for p in ckpt.iterdir()) == ["checkpoint.mfattn"]
     # A new process would start from fresh parameters: they must be ignored in favour of the checkpoint.
     other = jax.tree.map(lambda a: a * 0 + 1, params)
     resumed, hist = train(task, other, optim.blockwise_adamw(1e-2), steps=12, checkpoint_dir=ckpt, **kw)
@@ -122,6 +122,86 @@ def test_resume_is_identical_to_an_uninterrupted_run(tmp_path):
     # Running again with the same target does nothing more.
     again, _ = train(task, params, optim.blockwise_adamw(1e-2), steps=12, checkpoint_dir=ckpt, **kw)
     np.testing.assert_array_equal(again.params.wq, full.params.wq)
+
+
+def _checkpointed(tmp_path, lr=1e-2, key=3, steps=4, **extra):
+    task, params = _setup()
+    kw = dict(batch_size=2, beta=1.0, key=jax.random.key(key), log_every=4, progress=False)
+    kw.update(extra)
+    ckpt = tmp_path / "run"
+    return train(task, params, optim.adamw(lr), steps=steps, checkpoint_dir=ckpt, **kw), ckpt
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path):
+    (state, _), ckpt = _checkpointed(tmp_path)
+    before = (ckpt / "checkpoint.mfattn").read_bytes()
+    with pytest.raises(
+        ValueError, match=r"different configuration \(differs in optimizer \(its settings, e.g. the lea"
+    ):
+        _checkpointed(tmp_path, lr=2e-2, steps=8)
+    with pytest.raises(ValueError, match=r"differs in key\)"):
+        _checkpointed(tmp_path, key=4, steps=8)
+    with pytest.raises(ValueError, match=r"differs in batch_size, beta\)"):
+        _checkpointed(tmp_path, steps=8, batch_size=3, beta=0.5)
+    with pytest.raises(ValueError, match=r"differs in attention.kind\).*delete .*checkpoint.mfattn"):
+        _checkpointed(tmp_path, steps=8, attention="l2")
+    assert (ckpt / "checkpoint.mfattn").read_bytes() == before  # nothing was overwritten
+    # the same configuration with more steps continues
+    (more, hist), _ = _checkpointed(tmp_path, steps=8)
+    assert int(more.step) == 8 and hist["step"] == list(range(8))
+
+
+def test_damaged_checkpoints_give_a_clear_error(tmp_path):
+    import zipfile
+
+    (state, _), ckpt = _checkpointed(tmp_path)
+    path = ckpt / "checkpoint.mfattn"
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])  # cut
+    with pytest.raises(ValueError, match=r"checkpoint .*checkpoint.mfattn is damaged.*delete .* to start the run over"):
+        _checkpointed(tmp_path, steps=8)
+    path.write_bytes(good[:100] + bytes(8) + good[108:])  # bytes flipped inside state.eqx: the CRC fails
+    with pytest.raises(ValueError, match=r"checkpoint .*checkpoint.mfattn is damaged"):
+        _checkpointed(tmp_path, steps=8)
+    with zipfile.ZipFile(path, "w") as z:  # a part missing
+        with zipfile.ZipFile(__import__("io").BytesIO(good)) as old:
+            z.writestr("state.eqx", old.read("state.eqx"))
+            z.writestr("config.json", old.read("config.json"))
+    with pytest.raises(ValueError, match="lacks history.json"):
+        _checkpointed(tmp_path, steps=8)
+    with zipfile.ZipFile(path, "w") as z:  # unreadable JSON
+        with zipfile.ZipFile(__import__("io").BytesIO(good)) as old:
+            z.writestr("state.eqx", old.read("state.eqx"))
+            z.writestr("config.json", old.read("config.json"))
+            z.writestr("history.json", "{")
+    with pytest.raises(ValueError, match="unreadable JSON"):
+        _checkpointed(tmp_path, steps=8)
+    path.write_bytes(good)
+    (more, _), _ = _checkpointed(tmp_path, steps=8)
+    assert int(more.step) == 8
+
+
+def test_old_two_file_checkpoint_and_file_as_dir_are_refused(tmp_path):
+    ckpt = tmp_path / "run"
+    ckpt.mkdir()
+    (ckpt / "state.eqx").write_bytes(b"x")
+    (ckpt / "history.json").write_text("{}")
+    with pytest.raises(ValueError, match="old format"):
+        _checkpointed(tmp_path)
+    (tmp_path / "run2").write_text("")
+    task, params = _setup()
+    with pytest.raises(ValueError, match="is a file"):
+        train(
+            task,
+            params,
+            optim.adamw(1e-2),
+            steps=1,
+            batch_size=2,
+            beta=1.0,
+            key=jax.random.key(0),
+            progress=False,
+            checkpoint_dir=tmp_path / "run2",
+        )
 
 
 def test_train_step_is_pure_and_compiles_once():
