@@ -58,7 +58,9 @@ recomputing hand gradient does ``16 / 12 = 1.33`` times the flops of ``jax.value
 times those of the forward pass; keeping the forward's attention (``recompute=False`` in
 :func:`flops_grad_hand`) brings these to ``12 / 12 = 1`` and ``3``.
 
-Results are written to ``--out`` as JSON after every benchmark (an interrupted run loses nothing finished)
+Results are written to ``--out`` (default ``benchmarks/results/bench.json``, the committed full-run reference;
+``benchmarks/results/bench_quick.json`` with ``--quick``) as JSON after every benchmark (an interrupted run loses
+nothing finished)
 and printed as a table, followed by the targets, each ``met`` or ``gap`` with the factor by which it is
 missed.
 """
@@ -99,11 +101,14 @@ __all__ = [
     "matmul_rate",
     "run",
     "add_arguments",
+    "check_args",
     "run_from_args",
     "main",
 ]
 
 DEFAULT_OUT = os.path.join("benchmarks", "results", "bench.json")
+#: Where ``mfattn bench --quick`` writes without ``--out`` (the full run's ``DEFAULT_OUT`` is a committed reference).
+DEFAULT_QUICK_OUT = os.path.join("benchmarks", "results", "bench_quick.json")
 GIB = 2**30
 DTYPE = jnp.float32
 
@@ -961,7 +966,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help=f"run only these benchmarks (repeatable or comma-separated): {', '.join(BENCHMARKS)}",
     )
     parser.add_argument("--rates", action="store_true", help="also time the default `mfattn rates` (about 5 min)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", default=None, help=f"JSON results (default {DEFAULT_OUT}; with --quick {DEFAULT_QUICK_OUT})"
+    )
     parser.add_argument(
         "--mem-budget-gib",
         type=float,
@@ -971,19 +978,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run_from_args(args) -> int:
+def check_args(args) -> None:
+    """Check and complete parsed ``mfattn bench`` options before any work: ``ValueError`` (a usage error) for
+    an unknown ``--only`` name or a bad ``--mem-budget-gib``; sets ``args.names`` and the default ``args.out``."""
     names = None
     if args.only:
         names = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
+        unknown = [n for n in names if n not in BENCHMARKS]
+        if unknown or not names:
+            raise ValueError(
+                f"--only: unknown benchmark(s) {', '.join(unknown) or repr(','.join(args.only))}; "
+                f"choose from {', '.join(BENCHMARKS)}"
+            )
         if "rates" in names:
             args.rates = True
-    run(names, quick=args.quick, rates=args.rates, out=args.out, mem_budget_gib=args.mem_budget_gib)
+    if not (math.isfinite(args.mem_budget_gib) and args.mem_budget_gib > 0):
+        raise ValueError(f"--mem-budget-gib must be a positive number, got {args.mem_budget_gib}")
+    args.names = names
+    if args.out is None:
+        args.out = DEFAULT_QUICK_OUT if args.quick else DEFAULT_OUT
+    if os.path.isdir(args.out) or os.path.isfile(os.path.dirname(args.out) or "."):
+        raise ValueError(f"--out must name a JSON file in a folder, got {args.out}")
+
+
+def run_from_args(args) -> int:
+    if not hasattr(args, "names"):
+        check_args(args)
+    run(args.names, quick=args.quick, rates=args.rates, out=args.out, mem_budget_gib=args.mem_budget_gib)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = add_arguments(argparse.ArgumentParser(prog="mfattn bench", description=__doc__.split("\n\n")[0]))
-    return run_from_args(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    return run_from_args(args)
 
 
 if __name__ == "__main__":

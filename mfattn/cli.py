@@ -24,15 +24,22 @@ and phase.csv in DIR; about 8 s on a 2-core CPU, ``--quick`` a few seconds);
 
 runs the benchmark suite (forward, hand backward variants beside jax.value_and_grad, a training step,
 compile time against depth, the limit, optionally the default rates run) and prints one table of times,
-compile times, peak memory and GFLOP/s against the machine's measured matmul rate, with the targets.
+compile times, peak memory and GFLOP/s against the machine's measured matmul rate, with the targets
+(``--quick`` results go to benchmarks/results/bench_quick.json unless ``--out`` is given).
+
+``mfattn --version`` prints the version. A bad option or setting is a usage error (exit status 2, one line,
+before any work); Ctrl-C prints one line and exits with status 130 (rerunning the same command resumes).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
+
+INTERRUPTED = "interrupted; rerun the same command to resume"
 
 
 def _gradcheck(args) -> int:
@@ -60,12 +67,15 @@ def _gradcheck(args) -> int:
         f"{' causal' if args.causal else ''}{' sphere' if args.sphere else ''} (float64, {jax.default_backend()})"
     )
     print(f"{'quantity':<18} {'rel. error':>12}  status")
-    worst = 0.0
+    failed = [name for name, err in errors.items() if not (math.isfinite(err) and err <= args.tol)]
     for name, err in errors.items():
-        worst = max(worst, err)
-        print(f"{name:<18} {err:12.3e}  {'ok' if err <= args.tol else 'FAIL'}")
+        print(f"{name:<18} {err:12.3e}  {'FAIL' if name in failed else 'ok'}")
+    finite = [err for err in errors.values() if math.isfinite(err)]
+    worst = max(finite, default=0.0) if len(finite) == len(errors) else math.nan
     print(f"largest relative error {worst:.3e} (tolerance {args.tol:.0e}); {elapsed:.1f} s")
-    return 0 if worst <= args.tol else 1
+    if failed:
+        print(f"FAIL: {', '.join(failed)} {'is' if len(failed) == 1 else 'are'} non-finite or above the tolerance")
+    return 1 if failed or not errors else 0
 
 
 def _rates(args) -> int:
@@ -155,8 +165,46 @@ def _betas(text: str):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _number(low: float, *, strict: bool):
+    """An argparse type: a finite float ``>= low`` (``> low`` if ``strict``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(
+                f"expected a finite number {'>' if strict else '>='} {low:g}, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mfattn", description=__doc__.split("\n\n")[0])
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status (``SystemExit(2)``
+    for a usage error, as argparse does)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line: ``mfattn gradcheck: error: ... (see --help)``, exit status 2."""
+
+    def error(self, message: str):
+        one_line = " ".join(str(message).split())
+        self.exit(2, f"{self.prog}: error: {one_line} (see {self.prog} --help)\n")
+
+
+def _main(argv: list[str] | None) -> int:
+    from . import __version__
+
+    parser = _Parser(prog="mfattn", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"mfattn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("gradcheck", help="hand-derived adjoints and gradients against autodiff (float64)")
     g.add_argument("--depth", type=int, default=4, help="L, number of layers")
@@ -164,10 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--tokens", type=int, default=7, help="N, tokens")
     g.add_argument("--dim", type=int, default=5, help="d, token dimension")
     g.add_argument("--head-dim", type=int, default=3, help="k, head dimension")
-    g.add_argument("--beta", type=float, default=1.0, help="inverse temperature (>= 0)")
+    g.add_argument("--beta", type=_number(0.0, strict=False), default=1.0, help="inverse temperature (>= 0)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-padding", action="store_true", help="no zero-weight token")
-    g.add_argument("--tol", type=float, default=1e-9, help="largest acceptable relative error")
+    g.add_argument(
+        "--tol", type=_number(0.0, strict=True), default=1e-9, help="largest acceptable relative error (> 0)"
+    )
     g.add_argument(
         "--attention",
         default="softmax",
@@ -209,34 +259,44 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_arguments(b)
     b.set_defaults(func=bench.run_from_args)
     args = parser.parse_args(argv)
+    error = {"gradcheck": g, "rates": r, "phase": ph, "bench": b}[args.command].error  # 'mfattn rates: error: ...'
     if args.command == "gradcheck":
         for name in ("depth", "heads", "tokens", "dim", "head_dim"):
             if getattr(args, name) < 1:
-                parser.error(f"--{name.replace('_', '-')} must be a positive integer")
-        if args.beta < 0:
-            parser.error("--beta must be >= 0")
+                error(f"--{name.replace('_', '-')} must be a positive integer")
         if args.causal and args.attention == "sinkhorn":
-            parser.error("--causal is not defined for sinkhorn attention")
+            error("--causal is not defined for sinkhorn attention")
     if args.command == "rates":
         if args.host_devices is not None:
             if args.host_devices < 1:
-                parser.error("--host-devices must be a positive integer")
+                error("--host-devices must be a positive integer")
             from .sharding import force_host_devices
 
             force_host_devices(args.host_devices)  # before anything runs on JAX
         from .rates import check_folder, load_config
+        from .runfolder import check_out_path
 
         args.out = args.out or ("runs/rates-quick" if args.quick else "runs/rates")
         try:
+            check_out_path(args.out, who="rates")
             args.rates_config = load_config(args.config, quick=args.quick)
             check_folder(args.rates_config, args.out)
-        except (OSError, ValueError) as err:  # a missing or unreadable file, bad TOML or setting, another run
-            parser.error(str(err))
+        except (
+            OSError,
+            ValueError,
+            TypeError,
+        ) as err:  # a missing or unreadable file, bad TOML or setting, another run
+            error(str(err))
     if args.command == "phase":
         try:
             _phase_config(args)
         except ValueError as err:
-            parser.error(str(err))
+            error(str(err))
+    if args.command == "bench":
+        try:
+            bench.check_args(args)
+        except ValueError as err:
+            error(str(err))
     return args.func(args)
 
 
