@@ -58,7 +58,22 @@ def gradcheck(
     ``attention`` selects the variant (:class:`~mfattn.Attention` or a kind string); the per-term split
     ``jacobian``/``lions`` is reported for the closed-form kinds. With ``residual="sphere"`` the input
     tokens are normalised onto the sphere.
+
+    Raises:
+        ValueError: for a non-positive size, a non-integer seed, a negative or non-finite ``beta``
+            (``TypeError`` if it is not a number), before anything is computed.
     """
+    for name, value in (("depth", depth), ("heads", heads), ("tokens", tokens), ("dim", dim), ("head_dim", head_dim)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"gradcheck: {name} must be a positive integer, got {value!r}.")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise ValueError(f"gradcheck: seed must be an integer, got {seed!r}.")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float, np.integer, np.floating)):
+        raise TypeError(f"gradcheck: beta must be a real number, got {type(beta).__name__} {beta!r}.")
+    if not (np.isfinite(beta) and beta >= 0):
+        raise ValueError(f"gradcheck: beta must be finite and >= 0, got {beta!r}.")
+    if not isinstance(padding, bool):
+        raise ValueError(f"gradcheck: padding must be True or False, got {padding!r}.")
     spec = as_attention(attention)
     with _x64():
         f64 = jnp.float64

@@ -170,3 +170,23 @@ def test_usage_error_in_a_real_process():
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.startswith("mfattn bench: error: --only: unknown benchmark(s) bogus; choose from matmul")
     assert res.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "kw, error, words",
+    [
+        ({"beta": math.nan}, ValueError, "gradcheck: beta must be finite and >= 0"),
+        ({"beta": -1.0}, ValueError, "gradcheck: beta"),
+        ({"beta": "1.0"}, TypeError, "gradcheck: beta must be a real number"),
+        ({"depth": 0}, ValueError, "gradcheck: depth must be a positive integer"),
+        ({"heads": True}, ValueError, "gradcheck: heads"),
+        ({"tokens": 2.0}, ValueError, "gradcheck: tokens"),
+        ({"seed": 0.5}, ValueError, "gradcheck: seed"),
+        ({"padding": "no"}, ValueError, "gradcheck: padding"),
+    ],
+)
+def test_gradcheck_function_checks_its_arguments(kw, error, words, no_jaxtyping):
+    from mfattn.gradcheck import gradcheck
+
+    with pytest.raises(error, match=words):
+        gradcheck(**kw)
