@@ -1,4 +1,4 @@
-"""Hand-derived backward kernels: the adjoint field ``G`` and the gradient map ``g`` (SPEC section 4).
+"""Hand-derived backward kernels: the adjoint field ``G`` and the gradient map ``g`` (docs/spec.md section 4).
 
 With ``p_i = (1/m_i) d ell / d x_i`` the rescaled adjoint of token ``i`` and one layer's heads
 (or parameter particles) ``theta_h``, the adjoint field is the average over heads of
@@ -15,7 +15,7 @@ forming ``d x d`` or ``N x N x d x d`` objects. Notation per head (all ``(N, k)`
     Q = X W_Q,  K = Xk W_K,  V = Xk W_V       (Xk = Pi_R(X): keys/values see the projected measure)
     S = beta Q K^T,  U_ij = exp(S_ij) / sum_l m_l exp(S_il)  (N, N),  W_ij = m_j U_ij = w_j(x_i)
     a = P W_O   (a_i = W_O^T p_i),  E = a V^T (N, N),  D_ij = E_ij - sum_l W_il E_il
-    Delta = W * D (the delta_j of SPEC section 4)
+    Delta = W * D (the delta_j of docs/spec.md section 4)
 
     J(x_i)^T p_i                         = beta [Delta K]_i W_Q^T
     sum_j m_j (d_mu Gamma(x_j)(x_i))^T p_j = [U^T (m a)]_i W_V^T + beta [(U * D)^T (m Q)]_i W_K^T
@@ -277,7 +277,7 @@ def adjoint_field(
     radius=None,
     attention: Attention | str | None = None,
 ) -> Float[Array, "N d"]:
-    """The adjoint field ``G(pi, x_i, p_i; nu)`` at every token (SPEC section 4).
+    """The adjoint field ``G(pi, x_i, p_i; nu)`` at every token (docs/spec.md section 4).
 
     Args:
         theta: one layer's heads (or one grid time's particles), leaves ``(P, d, k)``.
@@ -308,7 +308,7 @@ def grad_map(
     attention: Attention | str | None = None,
 ):
     """The rescaled gradient map ``g(theta_h, pi) = sum_i m_i grad_theta Gamma(mu, x_i, theta_h)^T p_i``
-    for every head (particle) ``h`` of one layer (SPEC eq. 20).
+    for every head (particle) ``h`` of one layer (docs/spec.md, paper eq. 20).
 
     Returns a pytree like ``theta`` (leaves ``(P, d, k)``). The true gradient of the loss with respect
     to head ``h`` of layer ``l`` in an ``L``-layer, ``H``-head model is ``g / (L H)``.

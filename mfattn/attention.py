@@ -1,4 +1,4 @@
-"""Mean-field attention: the forward velocity ``F(mu, x, nu)`` (SPEC section 2), and its variants.
+"""Mean-field attention: the forward velocity ``F(mu, x, nu)`` (docs/spec.md section 2), and its variants.
 
 For one head ``theta = (W_Q, W_K, W_V, W_O)`` (each ``d x k``), a query point ``x`` and the weighted
 empirical measure ``mu = sum_j m_j delta_{x_j}``::
@@ -13,7 +13,7 @@ Everything is computed through the ``k``-dimensional projections ``x W_Q``, ``x 
 exactly no influence (its log-weight is ``-inf``).
 
 With a radius ``R`` the measure is first pushed through the projection ``Pi_R`` onto the closed ball
-(SPEC section 2, paper eq. 6-7): keys and values use ``Pi_R(x_j)``, queries are not projected.
+(docs/spec.md section 2, paper eq. 6-7): keys and values use ``Pi_R(x_j)``, queries are not projected.
 
 Other kernels (unnormalised, L2, sigmoid, Sinkhorn), causal masking, the normalised residual, the depth
 and logit scalings and the numerical options (query chunks, kept attention, mixed precision) are selected
@@ -427,7 +427,7 @@ def attention(
     radius=None,
     attention: Attention | str | None = None,
 ) -> Float[Array, " d"]:
-    """One head at one query point: ``Gamma(mu, x, theta)`` (SPEC eq. 2-3; other kernels by
+    """One head at one query point: ``Gamma(mu, x, theta)`` (docs/spec.md, paper eq. 2-3; other kernels by
     ``attention=``, except causal masking, which needs the token order: use :func:`velocity`).
 
     Example::

@@ -1,4 +1,4 @@
-"""Rate fits, bootstrap intervals, summaries and plots for the convergence study (SPEC section 7).
+"""Rate fits, bootstrap intervals, summaries and plots for the convergence study (docs/spec.md section 7).
 
 The experiment driver (:mod:`mfattn.rates`) records one row per (sweep point, seed, training step) with the
 discrepancies between the discrete transformer (depth ``L``, ``H`` heads) and its mean-field limit. The

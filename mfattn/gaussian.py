@@ -1,4 +1,4 @@
-"""Gaussian closure of the mean-field softmax- and L2-attention limits (SPEC section 8; Castin et al.).
+"""Gaussian closure of the mean-field softmax- and L2-attention limits (docs/spec.md section 8; Castin et al.).
 
 For one head ``theta = (W_Q, W_K, W_V, W_O)`` write ``A = W_Q W_K^T`` and ``B = W_O W_V^T`` (``d x d``).
 
@@ -298,7 +298,7 @@ def closure(
         m' = avg_h B_h (m + beta S W_K,h G_h (W_Q,h - W_K,h)^T m),   G_h = (I_k + beta W_K,h^T S W_K,h)^-1
         S' = V S + S V^T,   V = avg_h beta B_h S W_K,h G_h W_Q,h^T
 
-    (``V`` is the Jacobian of the affine velocity, called ``M`` in SPEC section 8; the module docstring
+    (``V`` is the Jacobian of the affine velocity, called ``M`` in docs/spec.md section 8; the module docstring
     derives both). Then ``mu_t = N(m(t), S(t))`` exactly, for the same limit that
     :func:`mfattn.limit.forward` integrates with token particles. ``S(t) = Phi S_0 Phi^T`` stays symmetric
     positive semidefinite with the rank of ``S_0``; softmax closures may blow up in finite time (then the
@@ -375,7 +375,7 @@ def softmax_closure(
         S' = V S + S V^T,   V = avg_h beta B_h S A_h^T
 
     with ``A_h = W_Q W_K^T``, ``B_h = W_O W_V^T`` of particle ``h`` and ``avg_h`` the mean over the ``M``
-    particles (``V`` is the Jacobian of the affine velocity, called ``M`` in SPEC section 8). Then
+    particles (``V`` is the Jacobian of the affine velocity, called ``M`` in docs/spec.md section 8). Then
     ``mu_t = N(m(t), S(t))`` exactly, for the same limit that :func:`mfattn.limit.forward` integrates with
     token particles.
 

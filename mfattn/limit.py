@@ -1,4 +1,4 @@
-"""The infinite-depth, infinite-width limit: a forward-backward McKean-Vlasov ODE (SPEC section 5).
+"""The infinite-depth, infinite-width limit: a forward-backward McKean-Vlasov ODE (docs/spec.md section 5).
 
 Time ``t in [0, 1]`` plays the role of depth; the heads of a layer become the law ``nu_t`` of the
 parameters at depth ``t``. Numerically ``nu_t`` is an *ensemble*: a :class:`~mfattn.Params` with leaves
@@ -439,7 +439,7 @@ def grad_map_on_grid(
     """``g(theta^m(t_j), pi_{t_j})`` for every grid time ``t_j`` and particle ``m``: leaves ``(K+1, M, d, k)``.
 
     ``xs``, ``ps`` are the tokens and adjoints at the grid times (``forward_backward(..., ts=grid)``). This is
-    the mean-field gradient that trains particle ``m`` at depth ``t_j`` (SPEC section 5)."""
+    the mean-field gradient that trains particle ``m`` at depth ``t_j`` (docs/spec.md section 5)."""
     ensemble, x0, weights, beta, radius = _checks.prepare(
         "limit.grad_map_on_grid", ensemble, xs[0], weights, beta, radius
     )

@@ -1,4 +1,4 @@
-"""Losses on the terminal measure, each with its Lions derivative (SPEC section 4).
+"""Losses on the terminal measure, each with its Lions derivative (docs/spec.md section 4).
 
 A loss is a function ``ell(tokens, weights, targets)`` of a weighted empirical measure
 ``mu = sum_i m_i delta_{x_i}`` (and per-example targets). The backward pass starts from its Lions

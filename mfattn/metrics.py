@@ -1,4 +1,4 @@
-"""Discrepancies between the discrete model and its limit, and their supremum over inputs (SPEC section 7).
+"""Discrepancies between the discrete model and its limit, and their supremum over inputs (docs/spec.md section 7).
 
 For one input sequence (tokens ``X`` in the ball of radius ``R``, masses ``m``), with ``x^l, p^l`` the discrete
 model's tokens and adjoints and ``x(t_l), p(t_l)`` the limit's at ``t_l = l / L``::

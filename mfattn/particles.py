@@ -1,10 +1,10 @@
-"""The discrete transformer as an interacting particle system (SPEC sections 3-4).
+"""The discrete transformer as an interacting particle system (docs/spec.md sections 3-4).
 
 Forward (explicit Euler on the piecewise-constant parameter field, one step per layer)::
 
     x_i^{l+1} = x_i^l + (1/L) F(mu^l, x_i^l, nu^l),   mu^l = sum_j m_j delta_{x_j^l},  l = 0..L-1
 
-Backward (hand-derived, SPEC section 4), with ``p^L`` the loss's Lions derivative at ``x^L``::
+Backward (hand-derived, docs/spec.md section 4), with ``p^L`` the loss's Lions derivative at ``x^L``::
 
     p^l = p^{l+1} + (1/L) G(pi^l, x^l, p^{l+1}; nu^l),    d ell / d theta_{l,h} = g(theta_{l,h}, pi^l) / (L H)
 
@@ -172,7 +172,7 @@ def forward(
         beta: inverse temperature ``>= 0``.
         weights: ``(N,)`` token masses ``m_i >= 0`` summing to 1 (default uniform ``1/N``); ``m_i = 0``
             marks padding, which is moved by attention but influences nothing.
-        radius: optional radius ``R`` of the projection ``Pi_R`` applied to the measure (SPEC eq. 6-7).
+        radius: optional radius ``R`` of the projection ``Pi_R`` applied to the measure (docs/spec.md sec. 2, eq. 6-7).
         attention: the kernel, normalisation and scalings (:class:`~mfattn.Attention` or a kind string;
             default softmax with the residual step ``1/L``). Every entry point takes the same keyword.
 
@@ -227,7 +227,7 @@ def param_grad(
     radius=None,
     attention: Attention | str | None = None,
 ) -> Params:
-    """The rescaled gradient map ``g(theta_{l,h}, pi^l)`` of every layer and head (SPEC eq. 20).
+    """The rescaled gradient map ``g(theta_{l,h}, pi^l)`` of every layer and head (docs/spec.md, paper eq. 20).
 
     ``pi^l`` is the joint measure of ``(x^l, p^{l+1})``. Returns a :class:`~mfattn.Params` shaped like
     ``params``; the true gradient is ``(h / H) g`` with ``h = L^-alpha`` the residual step, ``g / (L H)`` by

@@ -60,6 +60,7 @@ __all__ = [
     "aligned_fractions",
     "first_time",
     "phase_diagram",
+    "phase_figure",
     "plot_phase",
     "table",
     "summary_line",
@@ -208,36 +209,65 @@ def phase_diagram(cfg: PhaseConfig = PhaseConfig()) -> dict:
     }
 
 
-def plot_phase(result: dict, path: str, cfg: PhaseConfig = PhaseConfig()) -> str:
-    """Heatmap of the mean aligned fraction (time on x, ``beta`` on y), the ``cfg.level`` contour and the
-    per-``beta`` median time to ``cfg.level`` over the initial conditions; saved to ``path`` (PNG)."""
+def _beta_edges(betas: np.ndarray) -> np.ndarray:
+    """Cell edges around the (sorted, non-negative) ``betas`` for the heatmap: midpoints between neighbours,
+    half a cell beyond the ends (a lone value gets +-0.5), the lowest edge clipped at 0 so that the axis never
+    shows a negative inverse temperature."""
+    betas = np.asarray(betas, dtype=float)
+    if betas.size == 1:
+        edges = np.array([betas[0] - 0.5, betas[0] + 0.5])
+    else:
+        mid = (betas[1:] + betas[:-1]) / 2
+        edges = np.concatenate([[betas[0] - (mid[0] - betas[0])], mid, [betas[-1] + (betas[-1] - mid[-1])]])
+    edges[0] = max(edges[0], 0.0)
+    return edges
+
+
+def _time_edges(times: np.ndarray) -> np.ndarray:
+    times = np.asarray(times, dtype=float)
+    if times.size == 1:
+        return np.array([times[0], times[0] + 1.0])
+    mid = (times[1:] + times[:-1]) / 2
+    return np.concatenate([[max(times[0] - (mid[0] - times[0]), 0.0)], mid, [times[-1] + (times[-1] - mid[-1])]])
+
+
+def phase_figure(result: dict, cfg: PhaseConfig = PhaseConfig()):
+    """The phase diagram as a :class:`matplotlib.figure.Figure`: heatmap of the mean aligned fraction (time on
+    x, ``beta`` on y, both axes starting at 0), the ``cfg.level`` contour, and the per-``beta`` median time to
+    ``cfg.level`` over the initial conditions. Labels are rendered as mathematics (mathtext)."""
     from matplotlib.figure import Figure
 
-    times, betas, mean = result["times"], result["betas"], result["mean"]
+    times, betas, mean = np.asarray(result["times"]), np.asarray(result["betas"]), np.asarray(result["mean"])
+    order = np.argsort(betas, kind="stable")
+    betas, mean = betas[order], mean[order]
     fig = Figure(figsize=(7.0, 4.2), layout="constrained")
     ax = fig.add_subplot()
+    beta_edges, time_edges = _beta_edges(betas), _time_edges(times)
+    mesh = ax.pcolormesh(time_edges, beta_edges, mean, shading="flat", vmin=0.0, vmax=1.0, cmap="viridis")
     if len(betas) > 1:
-        mesh = ax.pcolormesh(times, betas, mean, shading="nearest", vmin=0.0, vmax=1.0, cmap="viridis")
         ax.contour(times, betas, mean, levels=[cfg.level], colors="white", linewidths=1.2)
-    else:
-        pad = 0.5
-        mesh = ax.pcolormesh(
-            times, [betas[0] - pad, betas[0] + pad], np.repeat(mean, 2, axis=0), vmin=0.0, vmax=1.0, shading="auto"
-        )
-    median = np.median(result["t_level_seeds"], axis=1)
+    median = np.median(np.asarray(result["t_level_seeds"])[order], axis=1)
     ok = np.isfinite(median)
-    ax.plot(median[ok], betas[ok], "o", color="white", markersize=3, label=f"median time to {cfg.level:.0%}")
-    ax.set_xlabel("time t")
+    level = f"{100 * cfg.level:g}\\%"
+    ax.plot(median[ok], betas[ok], "o", color="white", markersize=3, label=f"median time to ${level}$ aligned")
+    ax.set_xlim(time_edges[0], time_edges[-1])
+    ax.set_ylim(beta_edges[0], beta_edges[-1])
+    ax.set_xlabel(r"time $t$")
     ax.set_ylabel(r"inverse temperature $\beta$")
     ax.set_title(
-        f"aligned pairs ($\\langle x_i, x_j\\rangle > 1 - {cfg.threshold:g}$), N = {cfg.tokens}, d = {cfg.dim}, "
-        f"{cfg.seeds} seeds",
+        f"aligned pairs ($\\langle x_i, x_j\\rangle > 1 - {cfg.threshold:g}$), $N = {cfg.tokens}$, "
+        f"$d = {cfg.dim}$, {cfg.seeds} seeds",
         fontsize=9,
     )
     if ok.any():
         ax.legend(loc="lower right", fontsize=8)
     fig.colorbar(mesh, ax=ax, label="fraction of aligned pairs")
-    fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_phase(result: dict, path: str, cfg: PhaseConfig = PhaseConfig()) -> str:
+    """Save :func:`phase_figure` to ``path`` (PNG) and return ``path``."""
+    phase_figure(result, cfg).savefig(path, dpi=120)
     return path
 
 

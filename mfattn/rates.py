@@ -1,7 +1,7 @@
 """The main experiment: how fast does the trained discrete transformer approach its mean-field limit?
 
 For each sweep point (depth ``L``, heads ``H``, tokens ``N``, width ``d``, optimizer) and seed, a discrete model
-and the limit are trained on the same data stream (SPEC sections 5 and 7):
+and the limit are trained on the same data stream (docs/spec.md sections 5 and 7):
 
 * the limit: an ensemble of ``M`` parameter particles on a grid of ``K + 1`` depths, drawn from ``nu_0``, trained
   by the optimizer's flow map with its own mean-field gradients; a second, independent ensemble gives the

@@ -22,7 +22,7 @@ uniformly over inputs needs (:mod:`mfattn.rates`).
 Variable sequence lengths are padding weights: with ``min_tokens`` (``min_examples``) set, each sequence
 draws its length ``n`` uniformly in ``[min, N]`` and its weights are ``1/n`` on the real tokens and 0 on
 the padding. Padding slots still hold ordinary samples (so they obey the ball bound too) but, with mass
-0, they influence nothing (SPEC section 1).
+0, they influence nothing (docs/spec.md section 1).
 
 Example::
 

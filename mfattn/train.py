@@ -1,6 +1,6 @@
 """Training the discrete model: a pure jitted step, and a resumable loop with a history.
 
-One step (the paper's training, SPEC sections 4 and 6): for a batch of sequences, the forward pass,
+One step (the paper's training, docs/spec.md sections 4 and 6): for a batch of sequences, the forward pass,
 the terminal Lions derivative, the hand-derived adjoint and the gradient map ``g`` of every layer and
 head, averaged over the batch -- the paper's *rescaled* gradient, ``L H`` times the true gradient --
 then one optimizer update. ``method="autodiff"`` computes the same ``g`` as ``L H jax.grad`` of the

@@ -111,3 +111,37 @@ def test_phase_command_quick_end_to_end(tmp_path, capsys):
     assert cli.main(["phase", "--quick", "--betas", "0,1", "--steps", "20", "--out", str(tmp_path / "b")]) == 0
     summary = json.loads((tmp_path / "b" / "phase.json").read_text())
     assert summary["betas"] == [0.0, 1.0] and len(summary["times"]) == 21
+
+
+def _fake_result(betas, steps=5, seeds=3, time=10.0):
+    rng = np.random.default_rng(0)
+    times = np.linspace(0.0, time, steps + 1)
+    fraction = np.sort(rng.uniform(size=(len(betas), seeds, steps + 1)), axis=-1)
+    return {
+        "times": times,
+        "betas": np.asarray(betas, float),
+        "mean": fraction.mean(axis=1),
+        "t_level_seeds": first_time(times, fraction, 0.9),
+    }
+
+
+@pytest.mark.parametrize("betas", [(0.0, 0.5, 1.0, 2.0), (0.0,), (0.2, 3.0), (2.0, 0.0, 1.0)])
+def test_phase_plot_beta_axis_is_non_negative_and_labels_are_maths(tmp_path, betas):
+    """The heatmap's cells are centred on the betas but the axis starts at 0 (no negative inverse
+    temperature, which pcolormesh's default half cell below beta = 0 used to show), covers every beta, and the
+    axis labels and title are mathtext (rendered when the figure is saved)."""
+    from mfattn.phase import phase_figure, plot_phase
+
+    cfg = PhaseConfig(tokens=8, betas=betas, time=10.0, steps=5, seeds=3)
+    result = _fake_result(betas)
+    ax = phase_figure(result, cfg).axes[0]
+    low, high = ax.get_ylim()
+    assert low >= 0.0 and low <= min(betas), (low, betas)
+    assert high >= max(betas)
+    if min(betas) == 0.0:
+        assert low == 0.0
+    assert ax.get_xlim()[0] == 0.0
+    assert ax.get_ylabel() == r"inverse temperature $\beta$" and ax.get_xlabel() == "time $t$"
+    assert r"$\langle x_i, x_j\rangle" in ax.get_title() and "$N = 8$" in ax.get_title()
+    path = plot_phase(result, str(tmp_path / "phase.png"), cfg)  # mathtext parse errors raise here
+    assert (tmp_path / "phase.png").stat().st_size > 5_000 and path.endswith("phase.png")
