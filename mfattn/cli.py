@@ -78,38 +78,50 @@ def _gradcheck(args) -> int:
     return 1 if failed or not errors else 0
 
 
-def _rates(args) -> int:
-    from .rates import run
+class _RatesProgress:
+    """A tqdm bar over the run's work units (:func:`mfattn.rates.work_units`, in limit solves), its label the phase
+    now running; the ETA follows the measured rate of units."""
 
+    def __init__(self, cfg):
+        from tqdm.auto import tqdm
+
+        from .rates import work_units
+
+        u = work_units(cfg)
+        self.bar = tqdm(total=round(u["control"] + sum(g["total"] for g in u["groups"]), 1), desc="rates",
+                        unit="solve", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}]")  # fmt: skip
+
+    def __call__(self, phase: str, units: float) -> None:
+        self.bar.set_description(f"rates: {phase}", refresh=False)
+        self.bar.update(units)
+
+    def close(self):
+        self.bar.close()
+
+
+def _rates(args) -> int:
+    from .rates import report, run
+
+    if args.report:
+        summary = report(args.report)
+        print(summary["table"])
+        print(f"summary.json rebuilt and plots redrawn in {args.report}/")
+        return 0
     cfg = args.rates_config
     out = args.out
+    if cfg.precision == "float64":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)  # the application's choice, before any array exists
     t0 = time.perf_counter()
-    summary = run(cfg, out, progress=not args.no_progress)
+    bar = None if args.no_progress else _RatesProgress(cfg)
+    try:
+        summary = run(cfg, out, progress=bar, log=lambda m: print(m, file=sys.stderr))
+    finally:
+        if bar is not None:
+            bar.close()
     elapsed = time.perf_counter() - t0
     print(summary["table"])
-    print()
-    fits = summary["fits"]
-    for kind in ("pointwise_err", "uniform_err"):
-        f = fits.get("final", {}).get(kind, {}).get("free")
-        if f:
-            print(
-                f"{kind}: err = a/L + b L^-alpha H^-gamma with alpha = {_interval(f, 'alpha')}, "
-                f"gamma = {_interval(f, 'gamma')} (theorem: 1/3, 1/2; pointwise expectation: 1/2, 1/2)"
-            )
-    for sweep, what in (("N", "tokens N"), ("d", "width d")):
-        for opt, block in fits.get(sweep, {}).items():
-            slopes = []
-            for kind in ("pointwise_err", "uniform_err"):
-                f = block.get(kind, {})
-                if isinstance(f.get("slope"), (int, float)):
-                    lo_hi = f.get("ci")  # the slope's bootstrap interval [lo, hi]
-                    ci = f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi and None not in lo_hi else ""
-                    slopes.append(f"{kind} {f['slope']:.2f}{ci}")
-            if slopes:
-                print(f"slope in {what} ({opt}): " + ", ".join(slopes))
-    mesh = summary["device"].get("mesh")
-    if mesh:
-        print("device mesh: " + " x ".join(f"{n} {axis}" for axis, n in mesh.items()))
     print(f"results, summary.json and plots in {out}/ ({elapsed:.0f} s)")
     return 0
 
@@ -143,17 +155,6 @@ def _phase(args) -> int:
     print(summary_line(result, cfg))
     print(f"phase.png, phase.json and phase.csv in {out}/ ({elapsed:.1f} s)")
     return 0
-
-
-def _interval(fit: dict, name: str) -> str:
-    """``estimate [lo, hi]`` from a fits.fit_rate result with bootstrap intervals in ``fit["ci"]``."""
-    est = fit.get(name)
-    if not isinstance(est, (int, float)):
-        return str(est)
-    lo_hi = fit.get("ci", {}).get(name)
-    if lo_hi and None not in lo_hi:
-        return f"{est:.2f} [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]"
-    return f"{est:.2f}"
 
 
 def _betas(text: str):
@@ -232,6 +233,9 @@ def _main(argv: list[str] | None) -> int:
     r.add_argument("--out", default=None, help="run folder (default runs/rates, or runs/rates-quick)")
     r.add_argument("--quick", action="store_true", help="a small configuration (about a minute) for smoke tests")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--print-config", action="store_true", help="print every setting with its default and meaning")
+    r.add_argument("--report", default=None, metavar="DIR",
+                   help="rebuild the table, summary.json and plots of an existing run folder (no computation)")
     r.add_argument(
         "--host-devices",
         type=int,
@@ -266,6 +270,20 @@ def _main(argv: list[str] | None) -> int:
                 error(f"--{name.replace('_', '-')} must be a positive integer")
         if args.causal and args.attention == "sinkhorn":
             error("--causal is not defined for sinkhorn attention")
+    if args.command == "rates" and args.print_config:
+        from .rates import load_config, print_config
+
+        try:
+            print(print_config(load_config(args.config, quick=args.quick)))
+        except (ValueError, TypeError) as err:
+            error(str(err))
+        return 0
+    if args.command == "rates" and args.report:
+        import os
+
+        if not os.path.exists(os.path.join(args.report, "config.json")):
+            error(f"--report {args.report}: not a rates run folder (no config.json)")
+        return args.func(args)
     if args.command == "rates":
         if args.host_devices is not None:
             if args.host_devices < 1:

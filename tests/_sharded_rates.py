@@ -7,10 +7,7 @@ rounding only, far below the 7 significant digits that results.csv keeps.
 Prints ``RESULT <worst relative difference> <mesh shapes>``.
 """
 
-import csv
-import json
 import os
-import sys
 import tempfile
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
@@ -19,38 +16,35 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-from mfattn.rates import RatesConfig, _mesh, run  # noqa: E402
+from mfattn.rates import load_config, run  # noqa: E402
+from mfattn.rates.driver import mesh  # noqa: E402
+from mfattn.rates.io import folder  # noqa: E402
 
-NUMERIC = ["pointwise_err", "uniform_err", "uniform_test_set", "uniform_ascent", "param_gap", "mc_err"]
+NUMERIC = ["pointwise_err", "uniform_err", "uniform_test_set", "uniform_search", "param_gap", "pointwise_mc"]
 
 
-def rows(path):
-    with open(os.path.join(path, "results.csv"), newline="") as f:
-        return sorted(csv.DictReader(f), key=lambda r: (r["seed"], r["step"], r["depth"], r["heads"]))
+def rows(path, cfg):
+    return sorted(folder(cfg, path).rows(), key=lambda r: (r["seed"], r["depth"], r["heads"]))
 
 
 def main():
     assert len(jax.devices()) == 4
-    # Small (compile time dominates): training, evaluation, one ascent step and the Monte-Carlo twin.
-    base = dict(depths=(1, 2), heads=(1, 2), steps=1, batch_size=2, particles=8, grid_size=3, test_per_family=1,
-                ascent_starts=1, ascent_steps=1, precision="float64")  # fmt: skip
     out = tempfile.mkdtemp()
     worst, shapes = 0.0, []
     for seeds in (4, 2):
         results = {}
         for shard in (True, False):
-            cfg = RatesConfig(**base, seeds=seeds, shard_seeds=shard, shard_particles=shard).validate()
-            mesh = _mesh(cfg)
+            cfg = load_config(quick=True, overrides=dict(seeds=seeds, shard_seeds=shard, shard_particles=shard,
+                                                         precision="float64", particles=128))  # fmt: skip
+            m = mesh(cfg)
             if shard:
-                shapes.append(f"{mesh.shape['seeds']}x{mesh.shape['particles']}")
+                shapes.append(f"{m.shape['seeds']}x{m.shape['particles']}")
             else:
-                assert mesh is None
+                assert m is None
             path = os.path.join(out, f"{seeds}_{shard}")
-            run(cfg, path, progress=False)
-            with open(os.path.join(path, "summary.json")) as f:
-                assert json.load(f)["device"]["mesh"] == (None if mesh is None else dict(mesh.shape))
-            results[shard] = rows(path)
-        assert len(results[True]) == len(results[False]) == seeds * 4 * 2  # seeds x points x steps {0, 1}
+            run(cfg, path)
+            results[shard] = rows(path, cfg)
+        assert len(results[True]) == len(results[False]) == seeds * 4
         for a, b in zip(results[True], results[False]):
             assert a["uniform_source"] == b["uniform_source"]
             for c in NUMERIC:
@@ -60,4 +54,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,210 +1,227 @@
-"""The rates experiment end to end (the --quick configuration), resume after an interruption, the N and d
-sweeps with the target-measure task, config errors."""
+"""The rates experiment: settings, statistics (on synthetic data with known answers), the run folder, and the
+quick configuration end to end (shared with the notebook test through conftest's ``rates_quick_run``)."""
 
-from __future__ import annotations
-
-import csv
-import functools
+import dataclasses
 import json
 import math
 import os
-import re
 import shutil
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-import mfattn
-from mfattn import fits
-from mfattn.rates import COLUMNS, TASKS, RatesConfig, load_config, run
+from mfattn import rates
+from mfattn.rates import core, driver, stats
+from mfattn.rates.config import RatesConfig, load_config, print_config
+
+# ------------------------------------------------------------------------------------------------ settings
 
 
-def _rows(path):
-    with open(os.path.join(path, "results.csv"), newline="") as f:
-        return list(csv.DictReader(f))
+@pytest.mark.parametrize(
+    "text, name",
+    [
+        ("depths = 4", "depths"),
+        ("beta = [1.0]", "beta"),
+        ('beta = "1.0"', "beta"),
+        ('learning_rate = "0.1"', "learning_rate"),
+        ("learning_rate = inf", "learning_rate"),
+        ('init = "bogus"', "init"),
+        ('control = "false"', "control"),
+        ("seeds = 0", "seeds"),
+        ("seeds = true", "seeds"),
+        ("replicas = 2", "replicas"),
+        ("particles = 1001", "particles"),
+        ("learning_rate = 0.5\nweight_decay = 3.0", "Lemma 26"),
+        ("b1 = 0.999\nb2 = 0.9", "Lemma 43"),
+        ("depths = [3, 5]", "depths"),
+        ("sweep_points = [8, 4]", "sweep_points"),
+        ("search_particles = 100000", "search_particles"),
+        ('attention = {kind = "softmax", depth_exponent = 0.5}', "attention"),
+        ("bogus_key = 1", "unknown keys"),
+        ("depths = [", "not valid TOML"),
+    ],
+)
+def test_every_bad_setting_is_refused_naming_it(tmp_path, text, name):
+    path = tmp_path / "c.toml"
+    path.write_text(text + "\n")
+    with pytest.raises((ValueError, TypeError), match=name):
+        load_config(str(path))
 
 
-def test_quick_configuration_end_to_end(rates_quick_run):
+def test_print_config_is_valid_toml_that_reads_back_to_the_defaults(tmp_path):
+    path = tmp_path / "defaults.toml"
+    path.write_text(print_config())
+    assert load_config(str(path)) == load_config()
+    assert all(f.metadata["doc"] for f in dataclasses.fields(RatesConfig))
+
+
+def test_shipped_study_configuration_is_valid():
+    root = os.path.join(os.path.dirname(__file__), "..", "studies")
+    cfg = load_config(os.path.join(root, "rates.toml"))
+    assert cfg.seeds >= 32 and cfg.steps >= 40 and cfg.control_particles >= 2**17
+    assert max(cfg.control_depths) >= 64 and max(L * H for L in cfg.control_depths for H in cfg.control_heads) >= 4096
+    assert 5 * cfg.candidates >= 150 and set(cfg.tokens_sweep) >= {4, 16, 64} and cfg.dims_sweep
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def _synthetic(a, b, alpha, gamma, seeds, noise, rng, points):
+    L = np.array([p[0] for p in points], float)[:, None]
+    H = np.array([p[1] for p in points], float)[:, None]
+    return (a / L + b * L**-alpha * H**-gamma) * np.exp(noise * rng.standard_normal((len(points), seeds)))
+
+
+POINTS = [(L, H) for L in (8, 16, 32, 64) for H in (1, 4, 16, 64)]
+
+
+def test_fit_recovers_known_exponents_with_bootstrap_intervals_that_cover_them():
+    rng = np.random.default_rng(0)
+    E = _synthetic(0.5, 3.0, 0.5, 0.5, 32, 0.05, rng, POINTS)
+    f = stats.fit_errors(POINTS, E, radius=10.0, mc_ratio=0.3)
+    assert f["method"].startswith("percentile bootstrap")
+    assert f["alpha_ci"][0] <= 0.5 <= f["alpha_ci"][1] and f["gamma_ci"][0] <= 0.5 <= f["gamma_ci"][1]
+    assert f["gamma_ci"][1] - f["gamma_ci"][0] < 0.1
+
+
+def test_an_unidentified_a_is_reported_and_a_pure_power_law_fitted():
+    rng = np.random.default_rng(1)
+    E = _synthetic(0.0, 2.0, 0.4, 0.3, 16, 0.02, rng, POINTS)
+    f = stats.fit_errors(POINTS, E, radius=10.0, mc_ratio=0.3)
+    assert not f["a_identified"] and "not identified" in f["model"]
+    assert abs(f["alpha"] - 0.4) < 0.03 and abs(f["gamma"] - 0.3) < 0.03
+
+
+def test_few_seeds_use_a_jackknife_t_interval_and_two_seeds_none():
+    rng = np.random.default_rng(2)
+    f = stats.fit_errors(POINTS, _synthetic(0.5, 3.0, 0.5, 0.5, 4, 0.05, rng, POINTS), radius=10.0, mc_ratio=0.3)
+    assert "jackknife" in f["method"] and f["gamma_ci"][0] < f["gamma"] < f["gamma_ci"][1]
+    f2 = stats.fit_errors(POINTS, _synthetic(0.5, 3.0, 0.5, 0.5, 2, 0.05, rng, POINTS), radius=10.0, mc_ratio=0.3)
+    assert f2["gamma_ci"] == [None, None]
+
+
+def test_saturated_and_flagged_points_are_left_out_and_named():
+    rng = np.random.default_rng(3)
+    pts = [(1, 1), (2, 2), *POINTS]
+    E = _synthetic(0.5, 3.0, 0.5, 0.5, 16, 0.05, rng, pts)
+    ratio = np.zeros(len(pts))
+    ratio[5] = 0.5
+    f = stats.fit_errors(pts, E, radius=1.0, mc_ratio=0.3, mc_ratio_per_point=ratio)
+    why = {(d["depth"], d["heads"]): d["why"] for d in f["left_out"]}
+    assert "L H <= 4" in why[(1, 1)] and "L H <= 4" in why[(2, 2)] and "flagged" in why[pts[5]]
+    assert f["points_used"] == len(pts) - len(why)
+
+
+def test_control_passes_on_the_clt_law_and_fails_on_the_theorem_rate():
+    rng = np.random.default_rng(4)
+    good = stats.control_summary(POINTS, _synthetic(0.3, 5.0, 0.5, 0.5, 32, 0.05, rng, POINTS), radius=10.0,
+                                 mc_ratio=0.3, mc_ratio_per_point=np.zeros(16), reference_particles=1)  # fmt: skip
+    assert good["passed"] and good["preferred"].startswith("pointwise")
+    bad = stats.control_summary(POINTS, _synthetic(0.3, 5.0, 1 / 3, 0.5, 32, 0.05, rng, POINTS), radius=10.0,
+                                mc_ratio=0.3, mc_ratio_per_point=np.zeros(16), reference_particles=1)  # fmt: skip
+    assert not bad["passed"] and bad["preferred"].startswith("theorem")
+
+
+def test_theorem_ratio_slopes():
+    rng = np.random.default_rng(5)
+    E = _synthetic(0.0, 1.0, 0.5, 0.5, 16, 0.01, rng, POINTS)
+    tr = stats.theorem_ratio(POINTS, E)
+    assert tr["slope_L"] < 0 and tr["slope_L_ci"][1] < 0 and abs(tr["slope_H"]) < 0.1
+
+
+# ------------------------------------------------------------------------------------------------ numerics
+
+
+def test_batch_means_monte_carlo_error_is_zero_for_identical_replicas_and_positive_otherwise(getkey):
+    cfg = load_config(quick=True, overrides={"precision": "float64"})
+    task = driver._task(cfg, 3, 2)
+    problem = driver._problem(cfg, task, 3, 4)
+    reps = driver._replicas(cfg, getkey(), 3, 64, 2)
+    same = jax.tree.map(lambda a: jnp.broadcast_to(a[:1], a.shape), reps)
+    disc = driver._discrete(cfg, [0, 1], [(2, 2)], 2, "t")
+    xs = jnp.asarray(driver._train_like(cfg, task, getkey(), 2))
+    w = jnp.full((3,), 1 / 3)
+    e0 = core.evaluate(problem, same, disc, xs, w, 2)
+    assert np.allclose(e0.mc, 0.0) and np.allclose(e0.err2_replica, e0.err**2)
+    e1 = core.evaluate(problem, reps, disc, xs, w, 2)
+    assert np.all(e1.mc > 0) and np.all(e1.err_x <= e1.err + 1e-12) and np.all(e1.err_p <= e1.err + 1e-12)
+
+
+def test_search_never_lowers_the_estimate_and_reports_its_gain(getkey):
+    cfg = load_config(quick=True, overrides={"precision": "float64"})
+    task = driver._task(cfg, 3, 2)
+    problem = driver._problem(cfg, task, 3, 2)
+    reps = driver._replicas(cfg, getkey(), 3, 64, 2)
+    disc = driver._discrete(cfg, [0, 1], [(2, 1), (2, 2)], 2, "t")
+    cand = jnp.asarray(driver._train_like(cfg, task, getkey(), 4))
+    w = jnp.full((3,), 1 / 3)
+    exact = core.evaluate(problem, reps, disc, cand, w, 2).err
+    sur = core.surrogate(reps, 8, 2, problem.grid)
+    res = rates.search.sup_search(problem, sur, disc, cand, exact, w, 2, radius=1.0, starts=1, steps=2, step_size=0.1,
+                                  rounds=2, tol=0.05)  # fmt: skip
+    assert res.value.shape == (2, 2) and np.all(res.value >= res.candidate_value - 1e-12)
+    assert np.all(res.converged == (res.gain < 0.05))
+    assert np.all(np.linalg.norm(res.argmax, axis=-1) <= 1.0 + 1e-9)  # the search stays in the ball
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def test_quick_run_writes_every_summary_key(rates_quick_run):
     cfg, out, summary = rates_quick_run
-    rows = _rows(out)
-    points = len(cfg.depths) * len(cfg.heads)
-    assert len(rows) == points * cfg.seeds * 3  # steps 0, K/2, K
-    assert list(rows[0]) == COLUMNS
-    for r in rows:
-        assert float(r["pointwise_err"]) > 0
-        assert float(r["uniform_err"]) >= float(r["pointwise_err"])  # a sup is at least the mean
-        assert float(r["uniform_err"]) == max(float(r["uniform_test_set"]), float(r["uniform_ascent"]))
-        assert (float(r["param_gap"]) == 0) == (r["step"] == "0")  # coupled heads start at the discrete init
+    for name in ("results.csv", "control.csv", "training.csv", "summary.json", "config.json", "err_vs_L.png"):
+        assert os.path.exists(os.path.join(out, name)), name
     with open(os.path.join(out, "summary.json")) as f:
-        saved = json.load(f)
-    assert {"fits", "config", "versions", "device", "rows"} <= set(saved)
-    assert saved["config"]["task"] == "teacher_student"
-    assert saved["device"]["mesh"] is None  # one device
-    free = saved["fits"]["final"]["uniform_err"]["free"]
-    assert 0 <= free["alpha"] <= 3 and 0 <= free["gamma"] <= 3
-    for name in summary["plots"]:
-        assert os.path.getsize(name) > 1000
-    assert "pointwise" in summary["table"]
+        s = json.load(f)
+    assert set(s["positive_control"]) >= {"passed", "gamma", "gamma_ci", "alpha", "alpha_ci", "preferred",
+                                          "reference_particles"}  # fmt: skip
+    assert set(s["monte_carlo"]) >= {"particles", "replicas", "estimate", "max_ratio"}
+    assert set(s["sup_search"]) >= {"final_gain", "converged"}
+    assert set(s["training"]) >= {"steps", "sign_fraction", "depth_spread"}
+    for kind in ("pointwise", "uniform"):
+        assert set(s["fits"][kind]) >= {"method", "seeds"}
+    assert set(s["theorem_ratio"]) >= {"max", "slope_L", "slope_L_ci", "slope_H", "slope_H_ci"}
+    rows = rates.io.folder(cfg, out).rows()
+    assert len(rows) == cfg.seeds * len(cfg.points)
+    assert all(float(r["uniform_err"]) >= float(r["uniform_test_set"]) for r in rows)
+    assert "positive control" in summary["table"]
 
 
-def test_resume_after_an_interruption_recomputes_nothing_twice(rates_quick_run, tmp_path, monkeypatch):
+def test_resume_recomputes_nothing_and_a_cut_row_is_recomputed(rates_quick_run, tmp_path, monkeypatch):
     cfg, out, _ = rates_quick_run
-    # The fits and plots are checked above; here a few bootstrap resamples and no plots keep the three
-    # summaries (two resumed runs) cheap.
-    monkeypatch.setattr(fits, "summarize", functools.partial(fits.summarize, n_boot=4))
-    monkeypatch.setattr(fits, "plot", lambda rows, outdir: [])
-    full = _rows(out)
-    # An interruption while the last seed's final evaluation was being written: its last two rows are
-    # missing. The rerun skips every finished unit, retrains the interrupted one (deterministically) and
-    # writes only the missing rows.
-    part = tmp_path / "interrupted"
-    part.mkdir()
-    shutil.copy(os.path.join(out, "config.json"), part / "config.json")
-    keep = len(full) - 2
-    with open(os.path.join(out, "results.csv")) as f:
-        lines = f.readlines()
-    (part / "results.csv").write_text("".join(lines[: keep + 1]))
-    run(cfg, str(part), progress=False)
-    resumed = _rows(str(part))
-    assert len(resumed) == len(full)
-    assert resumed[:keep] == full[:keep]  # finished rows untouched
-    key = lambda r: tuple(r[c] for c in COLUMNS if c != "wall_s")
-    assert sorted(map(key, resumed)) == sorted(map(key, full))  # the rerun reproduces the rest exactly
-    # a finished run reruns nothing
-    run(cfg, str(part), progress=False)
-    assert len(_rows(str(part))) == len(full)
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    calls = []
+    monkeypatch.setattr(driver, "run_group", lambda *a, **k: calls.append(a) or {})
+    monkeypatch.setattr(driver, "run_control", lambda *a, **k: calls.append(a))
+    rates.run(cfg, str(copy))
+    assert calls == []
+    text = (copy / "results.csv").read_text()
+    (copy / "results.csv").write_text(text[: len(text) - 7])  # a crash mid-write
+    messages = []
+    rates.run(cfg, str(copy), log=messages.append)
+    assert len(calls) == 1 and calls[0][2] == [cfg.seeds - 1]  # the cut row (the last seed's) is recomputed
+    assert any("incomplete" in m for m in messages)
 
 
-# The N and d sweeps at tiny sizes, with the target-measure task (MMD to a fixed cloud). One sweep point
-# (L, H) = (2, 1) everywhere, so that the LH group, the N sweep at N = 3 and the d sweep at d = 2 (both
-# optimizers) share compiled programs: three shapes (N, d) in {(3, 2), (5, 2), (3, 3)} in all. Without
-# the ascent and the Monte-Carlo twin (the quick run above covers them).
-SWEEPS = dict(
-    task="target_measure", target_points=4, num_tokens=3, dim=2, depths=(2,), heads=(1,), depth_ref=2, heads_ref=1,
-    tokens_sweep=(3, 5), dims_sweep=(2, 3), seeds=2, steps=1, batch_size=2, particles=8, grid_size=3,
-    test_per_family=1, ascent_starts=0, ascent_steps=0, mc_check=False,
-)  # fmt: skip
+def test_a_changed_statistical_setting_is_refused_and_more_seeds_extend(rates_quick_run, tmp_path, monkeypatch):
+    cfg, out, _ = rates_quick_run
+    with pytest.raises(ValueError, match="beta"):
+        rates.check_folder(dataclasses.replace(cfg, beta=2.0), out)
+    rates.check_folder(dataclasses.replace(cfg, seeds=cfg.seeds + 1, shard_seeds=False), out)  # allowed
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    seen = []
+    monkeypatch.setattr(driver, "run_group", lambda cfg_, g, seeds, *a, **k: seen.append(seeds) or {})
+    monkeypatch.setattr(driver, "run_control", lambda cfg_, seeds, *a, **k: seen.append(seeds))
+    rates.run(dataclasses.replace(cfg, seeds=cfg.seeds + 1), str(copy))
+    assert seen and all(s == [cfg.seeds] for s in seen)  # only the new seed is computed
 
 
-@pytest.mark.slow  # about a minute: three (N, d) shapes, each compiled (run with -m slow)
-def test_tokens_and_dims_sweeps_with_the_target_measure_task(tmp_path):
-    cfg = RatesConfig(**SWEEPS).validate()
-    out = str(tmp_path / "sweeps")
-    summary = run(cfg, out, progress=False)
-    rows = _rows(out)
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["sweep"], int(r["num_tokens"]), int(r["dim"]), r["optimizer"]), []).append(r)
-    assert set(groups) == {
-        ("LH", 3, 2, "adamw"),
-        ("N", 3, 2, "adamw"),
-        ("N", 5, 2, "adamw"),
-        *(("d", 3, d, opt) for d in (2, 3) for opt in ("adamw", "blockwise_adamw")),
-    }
-    for key, g in groups.items():
-        assert sorted((r["seed"], r["step"]) for r in g) == [(s, t) for s in "01" for t in "01"], key
-        assert {(r["depth"], r["heads"]) for r in g} == {("2", "1")}
-    for r in rows:
-        pointwise, uniform = float(r["pointwise_err"]), float(r["uniform_err"])
-        assert 0 < pointwise <= uniform < math.inf
-        assert r["uniform_source"] == "test_set" and r["mc_flag"] == "0"
-        assert (float(r["param_gap"]) == 0) == (r["step"] == "0")
-    # The d sweep is paired: at step 0 AdamW and blockwise AdamW hold the same models on the same inputs;
-    # after a step they differ.
-    for d in (2, 3):
-        adam, block = (sorted(groups[("d", 3, d, opt)], key=lambda r: (r["seed"], r["step"])) for opt in
-                       ("adamw", "blockwise_adamw"))  # fmt: skip
-        for a, b in zip(adam, block):
-            assert (a["pointwise_err"] == b["pointwise_err"]) == (a["step"] == "0")
-
-    with open(os.path.join(out, "summary.json")) as f:
-        saved = json.load(f)
-    assert saved["config"]["task"] == "target_measure"
-    fitted = saved["fits"]
-    assert set(fitted["N"]) == {"adamw"} and set(fitted["d"]) == {"adamw", "blockwise_adamw"}
-    for sweep, axis, opts in (("N", "num_tokens", ["adamw"]), ("d", "dim", ["adamw", "blockwise_adamw"])):
-        for opt in opts:
-            block = fitted[sweep][opt]
-            assert block[f"{axis}_values"] == ([3, 5] if sweep == "N" else [2, 3])
-            for kind in ("pointwise_err", "uniform_err", "param_gap"):
-                slope = block[kind]["slope"]
-                assert isinstance(slope, float) and math.isfinite(slope), (sweep, opt, kind, block[kind])
-                assert all(isinstance(c, float) and math.isfinite(c) for c in block[kind]["ci"])
-    names = {os.path.basename(p) for p in summary["plots"]}
-    assert {"err_vs_N.png", "err_vs_d.png"} <= names
-    for p in summary["plots"]:
-        assert os.path.getsize(p) > 1000
-    assert "blockwise_adamw" in summary["table"]
-
-
-def test_config_errors(tmp_path):
-    bad = tmp_path / "bad.toml"
-    for text, message in [
-        ("depthz = [1, 2]", "unknown keys"),
-        ("depths = [3, 5, 7, 11, 13]", "lcm"),
-        ('optimizer = "sgd"', "optimizer"),
-        ('task = "denoising"', "task must be one of"),
-        ("mmd_bandwidth = 0.0", "mmd_bandwidth"),
-        ('attention = "cosine"', "bad attention"),
-        ("attention = {kind = 'l2', depth_exponent = 0.5}", "depth_exponent"),
-    ]:
-        bad.write_text(text + "\n")
-        with pytest.raises(ValueError, match=message):
-            load_config(str(bad))
-    table = tmp_path / "table.toml"
-    table.write_text("attention = {kind = 'sigmoid', causal = true, bias = -0.5}\n")
-    assert load_config(str(table)).spec() == mfattn.Attention("sigmoid", causal=True, bias=-0.5)
-    good = tmp_path / "good.toml"
-    good.write_text('depths = [2, 4]\nheads = [1]\nparticles = 64\ntask = "target_measure"\n')
-    cfg = load_config(str(good), quick=True)
-    assert cfg.depths == (2, 4) and cfg.particles == 64 and cfg.steps == 4  # quick, then the file
-    assert cfg.task in TASKS and cfg.task == "target_measure"
-    other = tmp_path / "run"
-    other.mkdir()
-    (other / "config.json").write_text(json.dumps({"dim": 99}))
-    with pytest.raises(ValueError, match="different configuration"):
-        run(cfg, str(other), progress=False)
-
-
-def test_a_run_folder_from_before_new_settings_still_resumes(tmp_path):
-    # config.json written before `task`, `target_points` and `mmd_bandwidth` existed: those runs used the
-    # defaults, so the folder is the same configuration (nothing to compute: every row is there).
-    cfg = RatesConfig(depths=(1,), heads=(1,), seeds=1, steps=0).validate()
-    old = {k: v for k, v in json.loads(json.dumps(cfg.__dict__)).items()
-           if k not in ("task", "target_points", "mmd_bandwidth", "shard_particles")}  # fmt: skip
-    old["shard_seeds"] = False  # execution only: not compared
-    (tmp_path / "config.json").write_text(json.dumps(old))
-    row = dict.fromkeys(COLUMNS, "1")
-    row.update(sweep="LH", optimizer="adamw", depth="1", heads="1", num_tokens="4", dim="2", seed="0", step="0",
-               uniform_source="test_set", mc_flag="0")  # fmt: skip
-    with open(tmp_path / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerow(row)
-    summary = run(cfg, str(tmp_path), progress=False)
-    assert summary["rows"] == 1
-
-
-def test_command_line_errors_before_any_work(tmp_path, capsys):
-    """Bad options, files and run folders stop ``mfattn rates`` with a usage error (exit status 2)."""
-    from mfattn import cli
-
-    bad_toml = tmp_path / "bad.toml"
-    bad_toml.write_text("seeds = [\n")
-    bad_value = tmp_path / "value.toml"
-    bad_value.write_text("seeds = -1\n")
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "config.json").write_text(json.dumps({"dim": 99}))
-    cases = [
-        (["--host-devices", "0"], "--host-devices must be a positive integer"),
-        (["--config", str(tmp_path / "missing.toml")], "No such file"),
-        (["--config", str(bad_toml)], "not valid TOML"),
-        (["--config", str(bad_value)], "seeds must be a positive integer"),
-        (["--out", str(other)], "different configuration .* differs in .*dim"),
-    ]
-    for argv, message in cases:
-        with pytest.raises(SystemExit) as exc:
-            cli.main(["rates", "--quick", *argv])
-        assert exc.value.code == 2
-        assert re.search(message, capsys.readouterr().err), argv
-    assert sorted(os.listdir(other)) == ["config.json"]  # nothing was written
+def test_report_rebuilds_the_summary_from_the_files(rates_quick_run):
+    cfg, out, summary = rates_quick_run
+    again = rates.report(out)
+    assert again["fits"]["uniform"].get("alpha") == summary["fits"]["uniform"].get("alpha")
+    assert math.isfinite(again["training"]["depth_spread"])

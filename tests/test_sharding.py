@@ -45,18 +45,19 @@ def test_rates_on_a_device_mesh_equals_single_device():
 
 def test_rates_mesh_shape(no_jaxtyping):
     """The mesh takes the largest share of the devices each axis divides, and none on one device."""
-    from mfattn.rates import RatesConfig, _mesh
+    from mfattn.rates import RatesConfig
+    from mfattn.rates.driver import mesh
 
     devices = [object()] * 8  # the mesh only arranges them
-    shape = lambda **kw: dict(_mesh(RatesConfig(**kw), devices).shape)  # noqa: E731
-    assert shape(seeds=2, particles=1024) == {"seeds": 2, "particles": 4}
-    assert shape(seeds=8, particles=1024) == {"seeds": 8, "particles": 1}
-    assert shape(seeds=3, particles=1024) == {"seeds": 1, "particles": 8}
-    assert shape(seeds=6, particles=6) == {"seeds": 2, "particles": 2}  # 2 of the 8 devices left idle
-    assert shape(seeds=2, particles=1024, shard_particles=False) == {"seeds": 2, "particles": 1}
-    assert shape(seeds=4, particles=1024, shard_seeds=False) == {"seeds": 1, "particles": 8}
-    assert _mesh(RatesConfig(seeds=2, particles=1024), devices[:1]) is None
-    assert _mesh(RatesConfig(seeds=3, particles=5), devices[:4]) is None
+    shape = lambda **kw: dict(mesh(RatesConfig(**kw), devices).shape)  # noqa: E731
+    assert shape(seeds=2, particles=4096) == {"seeds": 2, "particles": 4}  # 1024 per replica
+    assert shape(seeds=8, particles=4096) == {"seeds": 8, "particles": 1}
+    assert shape(seeds=3, particles=4096) == {"seeds": 1, "particles": 8}
+    assert shape(seeds=6, particles=24) == {"seeds": 2, "particles": 2}  # 6 per replica; 2 of 8 devices idle
+    assert shape(seeds=2, particles=4096, shard_particles=False) == {"seeds": 2, "particles": 1}
+    assert shape(seeds=4, particles=4096, shard_seeds=False) == {"seeds": 1, "particles": 8}
+    assert mesh(RatesConfig(seeds=2, particles=4096), devices[:1]) is None
+    assert mesh(RatesConfig(seeds=3, particles=20), devices[:4]) is None
 
 
 def test_force_host_devices():

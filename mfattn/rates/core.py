@@ -1,0 +1,293 @@
+"""Numerics of the rates experiment: pure, jitted functions on typed state (no files, no progress, no plots).
+
+One *group* (tokens ``N``, width ``d``, optimizer) has one data stream and therefore one limit (docs/spec.md
+section 7.1: Theorem 7's expectation is over the parameters, given the data). The limit is represented by ``R``
+independent replicas (sub-ensembles of ``M / R`` particles, leaves ``(R, K+1, M/R, d, k)``); the limit's paths are
+the replicas' pooled mean, whose Monte-Carlo error is estimated by batch means,
+
+    mc^2 = sum_r |z_r - zbar|^2 / (R (R - 1))      (z: tokens and adjoints at the layer times, in the error's norm),
+
+and the error of one replica against the discrete model gives ``e^2(M / R)`` beside the pooled ``e^2(M)``, from
+which ``e^2(M) = e^2_inf + c / M`` is extrapolated. Each seed has its own discrete models (one per (L, H) point,
+stacked over seeds) and coupled heads ``theta_bar`` (paper eq. 23), trained with the limit's gradients.
+
+The points of one depth share one compiled program: their heads are stored replicated up to the largest head count
+``H_max`` of that depth (each of the ``H`` heads ``H_max / H`` times), which leaves the head average, and therefore
+the trajectories, adjoints and per-head gradients, unchanged. A *depth group* holds leaves ``(S, G, L, H_max, d,
+k)`` for its ``G`` head counts; compile time grows with the number of distinct depths, not of points.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+from .. import limit
+from ..attention import SOFTMAX, Attention
+from ..losses import Loss
+from ..params import Params
+from ..particles import adjoint, forward
+from ..train import batch_grad_map
+
+__all__ = ["Problem", "LimitState", "SeedState", "Errors", "train_step", "evaluate", "surrogate_values_and_grads",
+           "sign_fraction", "depth_spread", "param_gap", "stack"]  # fmt: skip
+
+
+class Problem(eqx.Module):
+    """The fixed parts of a group: its task (the target of any input), loss, inverse temperature, the limit's grid
+    and solver (fixed steps: Tsit5 with ``steps`` steps landing on the grid times), attention and radius."""
+
+    task: eqx.Module
+    loss: Loss
+    beta: jax.Array
+    grid: jax.Array
+    steps: int = eqx.field(static=True)  # fixed solver steps over [0, 1]; 0: adaptive
+    rtol: float = eqx.field(static=True, default=1e-5)
+    atol: float = eqx.field(static=True, default=1e-7)
+    spec: Attention = eqx.field(static=True, default=SOFTMAX)
+
+    def solve_kwargs(self) -> dict:
+        if self.steps > 0:
+            return dict(solver=diffrax.Tsit5(), stepsize_controller=diffrax.ConstantStepSize(), dt0=1.0 / self.steps,
+                        max_steps=self.steps + 1, attention=self.spec)  # fmt: skip
+        return dict(rtol=self.rtol, atol=self.atol, attention=self.spec)
+
+    def limit_paths(self, ens: Params, x, w, y, lmax: int):
+        """One ensemble's tokens and adjoints at ``t_l = l / lmax``: two ``(lmax + 1, N, d)``."""
+        ts = jnp.arange(lmax + 1, dtype=self.grid.dtype) / lmax
+        _, xs, ps = limit.forward_backward(ens, x, self.loss, beta=self.beta, ts=ts, weights=w, targets=y,
+                                           grid=self.grid, **self.solve_kwargs())  # fmt: skip
+        return xs, ps
+
+    def discrete_paths(self, params: Params, x, w, y):
+        """A discrete model's tokens and adjoints at its layers: two ``(L + 1, N, d)``."""
+        traj = forward(params, x, beta=self.beta, weights=w, attention=self.spec)
+        ps = adjoint(params, traj, self.loss.lions(traj[-1], w, y), beta=self.beta, weights=w, attention=self.spec)
+        return traj, ps
+
+
+class LimitState(NamedTuple):
+    """The trained limit: replicas ``(R, K+1, M/R, d, k)``, their optimizer state, and their initial values."""
+
+    ens: Params
+    opt: optax.OptState
+    init: Params
+
+
+class SeedState(NamedTuple):
+    """Every seed's discrete models and coupled heads, one entry per depth group, leaves ``(S, G, L, H_max, d, k)``
+    (see the module docstring)."""
+
+    discrete: tuple
+    discrete_opt: tuple
+    coupled: tuple
+    coupled_opt: tuple
+
+
+class Errors(NamedTuple):
+    """Discrete-vs-limit errors of every seed, point and input (``(S, P, C)``), and the limit's own (``(P, C)``).
+
+    ``err`` is ``max_l max_i (|x_i^l - x_i(t_l)|^2 + |p_i^l - p_i(t_l)|^2)^(1/2)`` against the pooled limit;
+    ``err_x`` and ``err_p`` the same with one part; ``err2_replica`` the mean over replicas of ``err^2`` against one
+    replica (``e^2(M / R)``); ``p_norm`` the limit adjoint's ``max_l max_i |p_i(t_l)|``; ``mc`` the batch-means
+    Monte-Carlo error of the pooled limit at the point's layer times."""
+
+    err: jax.Array
+    err_x: jax.Array
+    err_p: jax.Array
+    err2_replica: jax.Array
+    p_norm: jax.Array
+    mc: jax.Array
+
+
+def stack(trees: list):
+    return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+def _sq(a, b, w):
+    """``max_l max_{i live} |a_i^l - b_i^l|^2`` (the last axis is the token's coordinates)."""
+    sq = jnp.sum((a - b) ** 2, axis=-1)
+    return jnp.max(jnp.where(w > 0, sq, 0.0), axis=(-2, -1))
+
+
+def _point_errors(problem: Problem, discrete: tuple, x, w, y, xr, pr, lmax: int):
+    """Errors of every seed and point at one input, against replica paths ``xr, pr`` (``(R, lmax+1, N, d)``)."""
+    num_rep = xr.shape[0]
+    xbar, pbar = jnp.mean(xr, axis=0), jnp.mean(pr, axis=0)
+    out = []
+    for params in discrete:  # one entry per depth group (static shapes), stacked over seeds and head counts
+        G = params.wq.shape[1]
+        stride = lmax // params.wq.shape[2]
+        xl, pl, xrl, prl = xbar[::stride], pbar[::stride], xr[:, ::stride], pr[:, ::stride]
+        xd, pd = jax.vmap(jax.vmap(lambda p: problem.discrete_paths(p, x, w, y)))(params)  # (S, G, L+1, N, d)
+        ex, ep = _sq(xd, xl, w), _sq(pd, pl, w)
+        tot = jnp.max(jnp.where(w > 0, jnp.sum((xd - xl) ** 2 + (pd - pl) ** 2, axis=-1), 0.0), axis=(-2, -1))
+        rep = jax.vmap(lambda a, b: jnp.max(jnp.where(w > 0, jnp.sum((xd - a) ** 2 + (pd - b) ** 2, axis=-1), 0.0),
+                                            axis=(-2, -1)))(xrl, prl)  # (R, S, G)  # fmt: skip
+        spread = jax.vmap(lambda a, b: jnp.max(jnp.where(w > 0, jnp.sum((a - xl) ** 2 + (b - pl) ** 2, axis=-1),
+                                                         0.0)))(xrl, prl)  # (R,)  # fmt: skip
+        mc = jnp.sqrt(jnp.sum(spread) / (num_rep * (num_rep - 1)))
+        pn = jnp.sqrt(jnp.max(jnp.where(w > 0, jnp.sum(pl**2, axis=-1), 0.0)))
+        full = lambda v: jnp.full((G,), v)  # noqa: E731  (the limit's own numbers: the same for every H)
+        out.append((jnp.sqrt(tot), jnp.sqrt(ex), jnp.sqrt(ep), jnp.mean(rep, axis=0), full(pn), full(mc)))
+    err, ex, ep, e2r, pn, mc = (jnp.concatenate(a, axis=-1) for a in zip(*out))  # (S, P) ... and (P,)
+    return err, ex, ep, e2r, pn, mc
+
+
+@eqx.filter_jit
+def evaluate(problem: Problem, reps: Params, discrete: tuple, xs, w, lmax: int) -> Errors:
+    """:class:`Errors` of every seed and point on the inputs ``xs`` (``(C, N, d)``, masses ``w``) against the
+    limit's replicas ``reps`` (one solve per replica and input, shared by every seed and point)."""
+
+    def one(x):
+        y = problem.task.target(x, w)
+        xr, pr = jax.vmap(lambda e: problem.limit_paths(e, x, w, y, lmax))(reps)
+        return _point_errors(problem, discrete, x, w, y, xr, pr, lmax)
+
+    err, ex, ep, e2r, pn, mc = jax.lax.map(one, xs)  # inputs one after another: memory bounded by one input
+    move = lambda a: jnp.moveaxis(a, 0, -1)  # noqa: E731
+    return Errors(move(err), move(ex), move(ep), move(e2r), move(pn), move(mc))
+
+
+def surrogate(reps: Params, particles: int, lmax: int, grid) -> Params:
+    """The cheap limit the supremum search climbs on: explicit Euler on ``lmax`` layers with the first
+    ``particles`` particles of replica 0 as heads (leaves ``(lmax, particles, d, k)``)."""
+    ens = jax.tree.map(lambda a: a[0, :, :particles], reps)
+    return limit.discretize(ens, lmax, grid=grid)
+
+
+@eqx.filter_jit
+def surrogate_values_and_grads(problem: Problem, sur: Params, discrete: tuple, xs, w, rows, idx, lmax: int):
+    """Surrogate error of row ``r``: seed ``rows[r]``, point ``idx[r]`` at input ``xs[r]``; and its gradient in the
+    input. ``(Q,)`` values and ``(Q, N, d)`` gradients for ``Q`` rows."""
+
+    def err(x, s, i):
+        y = problem.task.target(x, w)
+        xl, pl = problem.discrete_paths(sur, x, w, y)
+        mine = tuple(jax.tree.map(lambda a: a[s], p) for p in discrete)
+        vals = []
+        for params in mine:  # (G, L, H_max, d, k)
+            stride = lmax // params.wq.shape[1]
+            xd, pd = jax.vmap(lambda p: problem.discrete_paths(p, x, w, y))(params)
+            sq = jnp.sum((xd - xl[::stride]) ** 2 + (pd - pl[::stride]) ** 2, axis=-1)
+            vals.append(jnp.sqrt(jnp.max(jnp.where(w > 0, sq, 0.0), axis=(-2, -1))))
+        return jnp.concatenate(vals)[i]
+
+    return jax.vmap(jax.value_and_grad(err))(xs, rows, idx)
+
+
+@eqx.filter_jit
+def surrogate_values(problem: Problem, sur: Params, discrete: tuple, xs, w, lmax: int):
+    """Surrogate errors of every seed and point on the inputs ``xs``: ``(S, P, C)``."""
+
+    def one(x):
+        y = problem.task.target(x, w)
+        xl, pl = problem.discrete_paths(sur, x, w, y)
+        vals = []
+        for params in discrete:
+            stride = lmax // params.wq.shape[2]
+            xd, pd = jax.vmap(jax.vmap(lambda p: problem.discrete_paths(p, x, w, y)))(params)
+            sq = jnp.sum((xd - xl[::stride]) ** 2 + (pd - pl[::stride]) ** 2, axis=-1)
+            vals.append(jnp.sqrt(jnp.max(jnp.where(w > 0, sq, 0.0), axis=(-2, -1))))
+        return jnp.concatenate(vals, axis=-1)  # (S, P)
+
+    return jnp.moveaxis(jax.lax.map(one, xs), 0, -1)
+
+
+def _flat_heads(p: Params) -> Params:
+    """``(S, G, L, H, d, k) -> (L, S G H, d, k)``: every seed's heads side by side (the gradient map is per head)."""
+    return jax.tree.map(lambda a: jnp.moveaxis(a, 2, 0).reshape(a.shape[2], -1, *a.shape[4:]), p)
+
+
+def _unflat_heads(g: Params, like: Params) -> Params:
+    return jax.tree.map(lambda a, b: jnp.moveaxis(a.reshape(b.shape[2], *b.shape[:2], *b.shape[3:]), 0, 2), g, like)
+
+
+def sign_fraction(old: Params, new: Params, learning_rate: float, weight_decay: float, blockwise: bool):
+    """Fraction of the optimizer's directions at the sign bound: ``|m_hat / (sqrt(v_hat) + eps)| >= 0.9`` entrywise
+    (AdamW), or Frobenius norm ``>= 0.9`` per block (blockwise AdamW). The direction is read off the update,
+    ``theta_new = theta - lr (direction + lambda theta)``."""
+    fr = []
+    for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
+        direction = (a - b) / learning_rate - weight_decay * a
+        mag = jnp.sqrt(jnp.sum(direction**2, axis=(-2, -1))) if blockwise else jnp.abs(direction)
+        fr.append(jnp.mean(mag >= 0.9))
+    return jnp.mean(jnp.stack(fr))
+
+
+@eqx.filter_jit
+def train_step(problem: Problem, lim: LimitState, seeds: SeedState, optimizer, batch, hyper: tuple):
+    """One training step on the shared batch: the limit's replicas (each its own mean-field gradients), every
+    seed's discrete models (their own gradients, hand adjoint) and coupled heads (the limit's gradients at
+    ``t_l = l / L``, averaged over replicas; paper eq. 23). Returns the new states and diagnostics (losses,
+    sign-bound fractions)."""
+    lr, wd, blockwise = hyper
+    coupled_flat = tuple(_flat_heads(c) for c in seeds.coupled)
+
+    def limit_grads(ens):
+        return limit.batch_grad_map(ens, batch.tokens, batch.weights, batch.targets, problem.loss, beta=problem.beta,
+                                    grid=problem.grid, coupled=coupled_flat, **problem.solve_kwargs())  # fmt: skip
+
+    lim_loss, g_ens, g_c = jax.vmap(limit_grads)(lim.ens)
+    g_c = tuple(_unflat_heads(jax.tree.map(lambda a: jnp.mean(a, axis=0), g), c) for g, c in zip(g_c, seeds.coupled))
+    upd, lim_opt = jax.vmap(optimizer.update)(g_ens, lim.opt, lim.ens)
+    ens = optax.apply_updates(lim.ens, upd)
+
+    def disc_grads(p):
+        one = lambda q: batch_grad_map(q, batch.tokens, batch.weights, batch.targets, problem.loss,  # noqa: E731
+                                       beta=problem.beta, attention=problem.spec)  # fmt: skip
+        return jax.vmap(jax.vmap(one))(p)
+
+    update = jax.vmap(jax.vmap(optimizer.update))
+
+    new_d, new_do, new_c, new_co, losses, fr_d = [], [], [], [], [], []
+    for p, o, c, co, gc in zip(seeds.discrete, seeds.discrete_opt, seeds.coupled, seeds.coupled_opt, g_c):
+        loss_d, g = disc_grads(p)
+        u, o = update(g, o, p)
+        q = optax.apply_updates(p, u)
+        fr_d.append(sign_fraction(p, q, lr, wd, blockwise))
+        new_d.append(q)
+        new_do.append(o)
+        u, co = update(gc, co, c)
+        new_c.append(optax.apply_updates(c, u))
+        new_co.append(co)
+        losses.append(jnp.mean(loss_d, axis=0))
+    diag = {
+        "limit_loss": jnp.mean(lim_loss),
+        "discrete_loss": jnp.concatenate(losses),  # (P,), mean over seeds
+        "limit_sign_fraction": sign_fraction(lim.ens, ens, lr, wd, blockwise),
+        "discrete_sign_fraction": jnp.mean(jnp.stack(fr_d)),
+    }
+    return LimitState(ens, lim_opt, lim.init), SeedState(tuple(new_d), tuple(new_do), tuple(new_c), tuple(new_co)), diag
+
+
+def depth_spread(ens: Params, init: Params) -> dict:
+    """How depth-dependent training made the limit: the particles' displacement ``D_t = theta(t) - theta_0``
+    split into its common part ``c = mean_t D_t`` and the rest; ``spread = rms(D - c) / rms(c)`` (0: every depth
+    moved alike), and the share of ``c`` that is one common translation (the particle mean of ``c``)."""
+    d = [a - b for a, b in zip(jax.tree.leaves(ens), jax.tree.leaves(init))]  # (R, K+1, M, d, k)
+    common = [jnp.mean(x, axis=1, keepdims=True) for x in d]
+    rest = sum(jnp.sum((x - c) ** 2) for x, c in zip(d, common))
+    size = sum(jnp.sum(jnp.broadcast_to(c, x.shape) ** 2) for x, c in zip(d, common))
+    shift = [jnp.mean(c, axis=2, keepdims=True) for c in common]
+    shift_sq = sum(jnp.sum(jnp.broadcast_to(s, x.shape) ** 2) for x, s in zip(d, shift))
+    disp = sum(jnp.sum(x**2) for x in d)
+    count = d[0].shape[0] * d[0].shape[1] * d[0].shape[2]
+    return {
+        "depth_spread": float(jnp.sqrt(rest / jnp.maximum(size, 1e-300))),
+        "translation_share": float(jnp.sqrt(shift_sq / jnp.maximum(size, 1e-300))),
+        "rms_displacement": float(jnp.sqrt(disp / count)),
+    }
+
+
+@jax.jit
+def param_gap(a: Params, b: Params):
+    """Lemma 6's gap ``max_{l,h} |theta_{l,h} - theta_bar_{l,h}|`` (Frobenius over the four blocks), per seed and
+    head count: ``(S, G)`` from a depth group's leaves ``(S, G, L, H_max, d, k)``."""
+    sq = sum(jnp.sum((x - y) ** 2, axis=(-2, -1)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return jnp.sqrt(jnp.max(sq, axis=(-2, -1)))

@@ -1,0 +1,305 @@
+"""The rates experiment's driver: draws, phases, rows. It calls the numerics (:mod:`.core`, :mod:`.search`), hands
+rows to a writer and reports progress through a callback; files live in :mod:`.io`, plots in :mod:`.plots`,
+statistics in :mod:`.stats`.
+
+Phases, in order (each row is handed over as soon as it is computed):
+
+1. **Positive control** (``control = true``): untrained discrete models (heads i.i.d. from ``nu_0``) against a
+   reference limit of ``control_particles`` particles (untrained, so one ensemble constant in depth, computed
+   once), over the control grid; its pointwise error must follow ``a/L + b (L H)^-1/2`` (Euler + CLT).
+2. For every group (the (L, H) grid; each N and each d of the sweeps): one data stream, one limit (``replicas``
+   sub-ensembles), every seed's discrete models and coupled heads, trained ``steps`` steps together.
+3. Evaluation at the last step: pointwise errors on ``test_inputs`` training-like inputs; the supremum over
+   ``5 candidates`` inputs of five families, then the doubling search on the cheap limit; the maximisers are
+   re-evaluated against the full limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import limit, optim
+from ..metrics import input_families
+from ..params import init_params
+from ..tasks import TargetMeasure, TeacherStudent
+from . import core
+from .config import RatesConfig
+from .search import sup_search
+
+__all__ = ["Group", "groups", "FAMILIES", "run_control", "run_group", "mesh", "place"]
+
+FAMILIES = ("train", "uniform", "clustered", "degenerate", "sphere")
+
+
+@dataclass(frozen=True)
+class Group:
+    """Sweep points sharing one data stream and one limit: tokens N, width d, optimizer."""
+
+    sweep: str
+    num_tokens: int
+    dim: int
+    optimizer: str
+    points: tuple  # ((L, H), ...)
+
+    @property
+    def lmax(self) -> int:
+        return math.lcm(*(L for L, _ in self.points))
+
+
+def groups(cfg: RatesConfig) -> list[Group]:
+    pts = tuple(sorted(map(tuple, cfg.sweep_points)))
+    out = [Group("LH", cfg.num_tokens, cfg.dim, cfg.optimizer, tuple(sorted(cfg.points)))]
+    out += [Group("N", n, cfg.dim, cfg.optimizer, pts) for n in cfg.tokens_sweep]
+    out += [Group("d", cfg.num_tokens, d, o, pts) for d in cfg.dims_sweep for o in ("adamw", "blockwise_adamw")]
+    return out
+
+
+def _key(cfg: RatesConfig, *tags):
+    """A key for one draw, from the base seed and a tag (zlib.crc32: stable across processes, unlike hash)."""
+    return jax.random.fold_in(jax.random.key(cfg.seed), zlib.crc32(repr(tags).encode()) % (2**31))
+
+
+def _dtype(cfg):
+    return jnp.float64 if cfg.precision == "float64" else jnp.float32
+
+
+def _task(cfg: RatesConfig, n: int, d: int):
+    dtype = _dtype(cfg)
+    if cfg.task == "target_measure":
+        return TargetMeasure(d, n, num_points=cfg.target_points, radius=cfg.radius, bandwidth=cfg.mmd_bandwidth,
+                             seed=int(jax.random.randint(_key(cfg, "task"), (), 0, 2**31 - 1)), dtype=dtype)  # fmt: skip
+    return TeacherStudent.random(_key(cfg, "task", n, d), dim=d, depth=cfg.teacher_depth, heads=cfg.teacher_heads,
+                                 head_dim=cfg.head_dim, beta=cfg.beta, num_tokens=n, radius=cfg.radius, dtype=dtype)  # fmt: skip
+
+
+def _problem(cfg: RatesConfig, task, grid_size: int, steps: int) -> core.Problem:
+    dtype = _dtype(cfg)
+    return core.Problem(task, task.loss, jnp.asarray(cfg.beta, dtype), limit.uniform_grid(grid_size, dtype), steps,
+                        cfg.rtol, cfg.atol, cfg.spec())  # fmt: skip
+
+
+def _replicas(cfg: RatesConfig, key, grid_size: int, particles: int, d: int) -> core.Params:
+    per = particles // cfg.replicas
+    keys = jax.random.split(key, cfg.replicas)
+    return core.stack([limit.init_ensemble(k, grid_size, per, d, cfg.head_dim, init=cfg.init, scale=cfg.init_scale,
+                                           dtype=_dtype(cfg)) for k in keys])  # fmt: skip
+
+
+def depth_groups(points) -> list[tuple[int, tuple[int, ...]]]:
+    """``[(L, (H, ...)), ...]``: the sorted points grouped by depth (the layout of :class:`core.SeedState`)."""
+    out: dict = {}
+    for L, H in sorted(points):
+        out.setdefault(L, []).append(H)
+    return [(L, tuple(hs)) for L, hs in out.items()]
+
+
+def _discrete(cfg: RatesConfig, seeds: list[int], points, d: int, tag: str) -> tuple:
+    """Every seed's untrained heads at every point, one entry per depth group (heads replicated up to the group's
+    largest count, see :mod:`.core`); each seed's draw depends on the seed and point only."""
+    out = []
+    for L, hs in depth_groups(points):
+        hmax = max(hs)
+
+        def draw(s, H, L=L, hmax=hmax):
+            p = init_params(_key(cfg, tag, s, L, H, d), L, H, d, cfg.head_dim, init=cfg.init, scale=cfg.init_scale,
+                            dtype=_dtype(cfg))  # fmt: skip
+            return jax.tree.map(lambda a: jnp.repeat(a, hmax // H, axis=1), p)
+
+        out.append(core.stack([core.stack([draw(s, H) for H in hs]) for s in seeds]))
+    return tuple(out)
+
+
+def _train_like(cfg, task, key, count):
+    return np.asarray(task.sample(key, count).tokens)
+
+
+def _inputs(cfg: RatesConfig, task, n: int, d: int):
+    """Test inputs (training-like) and candidates of the supremum (five families, each labelled)."""
+    test = _train_like(cfg, task, _key(cfg, "test", n, d), cfg.test_inputs)
+    fams = input_families(_key(cfg, "families", n, d), cfg.candidates, n, d, cfg.radius, _dtype(cfg))
+    cand = [_train_like(cfg, task, _key(cfg, "cand", n, d), cfg.candidates)]
+    cand += [np.asarray(fams[f]) for f in FAMILIES[1:]]
+    labels = np.repeat(np.arange(len(FAMILIES)), cfg.candidates)
+    return test, np.concatenate(cand), labels
+
+
+def _evaluate(problem, reps, discrete, xs, w, lmax, *, chunk: int, progress) -> core.Errors:
+    """:func:`core.evaluate` in chunks of ``chunk`` inputs (one compiled shape; progress after each)."""
+    parts = []
+    for lo in range(0, xs.shape[0], chunk):
+        part = xs[lo : lo + chunk]
+        n = part.shape[0]
+        if n < chunk:
+            part = np.concatenate([part, np.repeat(part[-1:], chunk - n, 0)])
+        e = core.evaluate(problem, reps, discrete, jnp.asarray(part), w, lmax)
+        parts.append(jax.tree.map(lambda a: np.asarray(a)[..., :n], e))
+        if progress is not None:
+            progress(n)
+    return jax.tree.map(lambda *a: np.concatenate(a, axis=-1), *parts)
+
+
+def run_control(cfg: RatesConfig, seeds: list[int], emit: Callable, progress=None) -> None:
+    """The step-0 positive control; ``emit(row)`` for each (point, seed)."""
+    n, d = cfg.num_tokens, cfg.dim
+    task = _task(cfg, n, d)
+    points = sorted((L, H) for L in cfg.control_depths for H in cfg.control_heads)
+    lmax = math.lcm(*cfg.control_depths)
+    # Untrained, the limit's parameters do not depend on depth: a 2-time grid holding the same particles, and a
+    # fine fixed step (the reference must be far more accurate than the Euler error a/L being measured).
+    problem = _problem(cfg, task, 2, max(16, 2 * cfg.solver_steps))
+    reps = _replicas(cfg, _key(cfg, "control-limit", n, d), 2, cfg.control_particles, d)
+    discrete = _discrete(cfg, seeds, points, d, "control")
+    xs = _train_like(cfg, task, _key(cfg, "control-inputs", n, d), cfg.control_inputs)
+    w = jnp.full((n,), 1.0 / n, _dtype(cfg))
+    e = _evaluate(problem, reps, discrete, xs, w, lmax, chunk=min(4, xs.shape[0]), progress=progress)
+    for p, (L, H) in enumerate(points):
+        mc = float(np.sqrt(np.mean(e.mc[p] ** 2)))
+        for si, s in enumerate(seeds):
+            emit({"depth": L, "heads": H, "seed": s, "pointwise_err": float(np.mean(e.err[si, p])),
+                  "err_x": float(np.mean(e.err_x[si, p])), "err_p": float(np.mean(e.err_p[si, p])),
+                  "pointwise_mc": mc, "reference_particles": cfg.control_particles})  # fmt: skip
+
+
+def mesh(cfg: RatesConfig, devices=None):
+    """The ``("seeds", "particles")`` device mesh of a run, or ``None`` on one device. The seeds take
+    ``gcd(seeds, n)`` of the ``n`` devices (``shard_seeds``), each replica's particles ``gcd(particles / replicas,
+    n / that)`` of the rest (``shard_particles``). Execution only: the numbers agree with one device's up to the
+    order of the particle sums."""
+    from jax.sharding import Mesh
+
+    devices = jax.devices() if devices is None else list(devices)
+    s = math.gcd(cfg.seeds, len(devices)) if cfg.shard_seeds else 1
+    r = math.gcd(cfg.particles // cfg.replicas, len(devices) // s) if cfg.shard_particles else 1
+    if s * r == 1:
+        return None
+    return Mesh(np.asarray(devices[: s * r]).reshape(s, r), ("seeds", "particles"))
+
+
+def place(lim: core.LimitState, st: core.SeedState, m) -> tuple:
+    """The limit's particle axis (leaves ``(R, K+1, M/R, d, k)``) over ``"particles"`` and every seed leaf's leading
+    axis over ``"seeds"``; the jitted steps are unchanged (XLA adds the sums across devices)."""
+    if m is None:
+        return lim, st
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    put = lambda spec: lambda a: jax.device_put(a, NamedSharding(m, spec))  # noqa: E731
+    particles, seeds, whole = PartitionSpec(None, None, "particles"), PartitionSpec("seeds"), PartitionSpec()
+    lim = jax.tree.map(lambda a: put(particles if a.ndim == 5 else whole)(a), lim)
+    st = jax.tree.map(lambda a: put(seeds if a.ndim >= 1 else whole)(a), st)  # every leaf leads with the seeds
+    return lim, st
+
+
+def _optimizer(cfg, name):
+    make = optim.adamw if name == "adamw" else optim.blockwise_adamw
+    return make(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def run_group(cfg: RatesConfig, group: Group, seeds: list[int], emit: Callable, emit_training: Callable,
+              progress: Callable | None = None) -> dict:  # fmt: skip
+    """Train and evaluate one group; ``emit(row)`` per (point, seed), ``emit_training(row)`` per step. Returns the
+    group's training diagnostics."""
+    n, d = group.num_tokens, group.dim
+    dtype = _dtype(cfg)
+    task = _task(cfg, n, d)
+    problem = _problem(cfg, task, cfg.grid_size, cfg.solver_steps * (cfg.grid_size - 1))
+    opt = _optimizer(cfg, group.optimizer)
+    # The d sweep's two optimizers share every draw (paired); the limit and the data do not depend on the seeds.
+    reps = _replicas(cfg, _key(cfg, "limit", n, d), cfg.grid_size, cfg.particles, d)
+    lim = core.LimitState(reps, jax.vmap(opt.init)(reps), reps)
+    disc = _discrete(cfg, seeds, group.points, d, "discrete")
+    init_opt = lambda ps: tuple(jax.vmap(jax.vmap(opt.init))(p) for p in ps)  # noqa: E731
+    st = core.SeedState(disc, init_opt(disc), disc, init_opt(disc))
+    lim, st = place(lim, st, mesh(dataclasses.replace(cfg, seeds=len(seeds))))
+    data_key = _key(cfg, "data", n, d)
+    hyper = (cfg.learning_rate, cfg.weight_decay, group.optimizer == "blockwise_adamw")
+    fr_lim, fr_disc = [], []
+    clock = {"t": time.perf_counter()}
+    timings: dict = {}
+
+    def lap(name):  # wall time of each phase (its compilation included: the first call of each jitted piece)
+        now = time.perf_counter()
+        timings[name] = timings.get(name, 0.0) + now - clock["t"]
+        clock["t"] = now
+
+    for step in range(cfg.steps):
+        batch = task.sample(jax.random.fold_in(data_key, step), cfg.batch_size)
+        lim, st, diag = core.train_step(problem, lim, st, opt, batch, hyper)
+        diag = jax.tree.map(np.asarray, diag)
+        fr_lim.append(float(diag["limit_sign_fraction"]))
+        fr_disc.append(float(diag["discrete_sign_fraction"]))
+        emit_training({"sweep": group.sweep, "optimizer": group.optimizer, "num_tokens": n, "dim": d, "step": step,
+                       "limit_loss": float(diag["limit_loss"]),
+                       "discrete_loss": float(np.mean(diag["discrete_loss"])),
+                       "limit_sign_fraction": fr_lim[-1], "discrete_sign_fraction": fr_disc[-1]})  # fmt: skip
+        if progress is not None:
+            progress("train", 1)
+        jax.block_until_ready(lim.ens)
+        lap("first training step (compile)" if step == 0 else "training")
+    spread = core.depth_spread(lim.ens, lim.init)
+    w = jnp.full((n,), 1.0 / n, dtype)
+    lmax = group.lmax
+    test, cand, labels = _inputs(cfg, task, n, d)
+    # The test inputs are candidates of the supremum too (labelled "train"): uniform >= pointwise by construction.
+    cand, labels = np.concatenate([test, cand]), np.concatenate([np.zeros(len(test), int), labels])
+    ev = lambda xs: _evaluate(problem, lim.ens, st.discrete, xs, w, lmax, chunk=4,  # noqa: E731
+                              progress=None if progress is None else (lambda k: progress("eval", k)))  # fmt: skip
+    e_cand = ev(cand)
+    lap("candidate evaluation")
+    e_test = jax.tree.map(lambda a: a[..., : len(test)], e_cand)
+    sur = core.surrogate(lim.ens, cfg.search_particles, lmax, problem.grid)
+    res = sup_search(problem, sur, st.discrete, jnp.asarray(cand), e_cand.err, w, lmax, radius=cfg.radius,
+                     starts=cfg.ascent_starts, steps=cfg.ascent_steps, step_size=cfg.ascent_step_size,
+                     rounds=cfg.search_rounds, tol=cfg.search_tol,
+                     progress=None if progress is None else (lambda k: progress("search", k)))  # fmt: skip
+    lap("search on the cheap limit")
+    num_seeds, num_points = res.value.shape
+    e_max = ev(res.argmax.reshape(num_seeds * num_points, *res.argmax.shape[2:]))  # (S, P, S P)
+    lap("maximisers against the full limit")
+    diag_idx = np.arange(num_seeds * num_points).reshape(num_seeds, num_points)
+    pick = lambda a: np.take_along_axis(a, diag_idx[..., None], -1)[..., 0]  # noqa: E731
+    exact_max = pick(e_max.err)
+    pts = np.arange(num_points)[None, :]
+    mc_max = e_max.mc[pts, diag_idx]  # e_max.mc: (P, S P), each point's Monte-Carlo error at each input
+    ts_idx = np.argmax(e_cand.err, axis=-1)
+    ts_val = np.max(e_cand.err, axis=-1)
+    ts_mc = e_cand.mc[pts, ts_idx]
+    gaps = np.concatenate([np.asarray(core.param_gap(a, b)) for a, b in zip(st.discrete, st.coupled)], axis=1)
+    R = cfg.replicas
+    for p, (L, H) in enumerate(group.points):
+        mc_pw = float(np.sqrt(np.mean(e_test.mc[p] ** 2)))
+        for si, s in enumerate(seeds):
+            err2 = e_test.err[si, p] ** 2
+            e_inf2 = (R * err2 - e_test.err2_replica[si, p]) / (R - 1)  # e^2(M) = e^2_inf + c / M at M and M / R
+            use_search = exact_max[si, p] > ts_val[si, p]
+            uni = max(exact_max[si, p], ts_val[si, p])
+            x_w = res.argmax[si, p] if use_search else cand[ts_idx[si, p]]
+            fam = FAMILIES[labels[res.start[si, p] if use_search else ts_idx[si, p]]]
+            dists = np.linalg.norm(x_w[:, None] - x_w[None], axis=-1)
+            emit({
+                "sweep": group.sweep, "optimizer": group.optimizer, "depth": L, "heads": H, "num_tokens": n,
+                "dim": d, "seed": s, "step": cfg.steps,
+                "pointwise_err": float(np.mean(e_test.err[si, p])),
+                "pointwise_err_x": float(np.mean(e_test.err_x[si, p])),
+                "pointwise_err_p": float(np.mean(e_test.err_p[si, p])),
+                "p_norm": float(np.mean(e_test.p_norm[p])),
+                "pointwise_err_inf": float(np.mean(np.sqrt(np.maximum(e_inf2, 0.0)))),
+                "pointwise_mc": mc_pw,
+                "uniform_err": float(uni), "uniform_test_set": float(ts_val[si, p]),
+                "uniform_search": float(exact_max[si, p]), "uniform_source": "search" if use_search else "test_set",
+                "uniform_mc": float(mc_max[si, p] if use_search else ts_mc[si, p]),
+                "surrogate_value": float(res.value[si, p]), "search_gain": float(res.gain[si, p]),
+                "search_converged": int(res.converged[si, p]), "search_rounds": int(res.rounds[si, p]),
+                "worst_family": fam, "worst_norm": float(np.mean(np.linalg.norm(x_w, axis=-1))),
+                "worst_diameter": float(dists.max()),
+                "param_gap": float(gaps[si, p]),
+            })  # fmt: skip
+    return {"sign_fraction_limit": fr_lim, "sign_fraction_discrete": fr_disc, **spread, "timings_s": timings}
