@@ -44,8 +44,8 @@ import dataclasses
 from typing import NamedTuple
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from .attention import (
@@ -330,7 +330,9 @@ def _backward(theta, tokens, adjoints, weights, beta, radius, *, field, grad, at
     if pm:  # a layout the per-head kernels do not take: back to (P, d, k)
         theta = _Heads(*from_particle_major(theta))
     if spec.kind == "sinkhorn":
-        g_field, g_map = _autodiff_backward(spec, theta, tokens, adjoints, weights, beta, radius, field=field, grad=grad)
+        g_field, g_map = _autodiff_backward(
+            spec, theta, tokens, adjoints, weights, beta, radius, field=field, grad=grad
+        )
         return g_field, (to_particle_major(g_map) if pm and grad else g_map)
     keys = project_ball(tokens, radius)
     per_head = over_heads(
