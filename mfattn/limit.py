@@ -177,7 +177,7 @@ def _forward_vf(t, x, args):
     ``args`` (``BacksolveAdjoint`` needs a vector field that closes over no arrays)."""
     ensemble, weights, beta, radius, grid, interpolation, spec = args
     theta = param_at(ensemble, t, grid, interpolation)
-    f = velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec)
+    f = velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec, check=False)
     return _tangent(x, f) if spec.residual == "sphere" else f
 
 
@@ -190,11 +190,11 @@ def _backward_vf(t, p, args):
     theta = param_at(ensemble, t, grid, interpolation)
     x = xsol.evaluate(t)
     if spec.residual == "sphere":
-        f = velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec)
-        g = adjoint_field(theta, x, _tangent(x, p), weights, beta=beta, radius=radius, attention=spec)
+        f = velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec, check=False)
+        g = adjoint_field(theta, x, _tangent(x, p), weights, beta=beta, radius=radius, attention=spec, check=False)
         dot = lambda a, b: jnp.sum(a * b, axis=-1, keepdims=True)
         return -(g - dot(x, p) * f - dot(x, f) * p)
-    return -adjoint_field(theta, x, p, weights, beta=beta, radius=radius, attention=spec)
+    return -adjoint_field(theta, x, p, weights, beta=beta, radius=radius, attention=spec, check=False)
 
 
 def _grad_maps(params, xs, ps, weights, beta, radius, spec):
@@ -205,7 +205,7 @@ def _grad_maps(params, xs, ps, weights, beta, radius, spec):
         theta, x, p = a
         if spec.residual == "sphere":
             p = _tangent(x, p)
-        return grad_map(theta, x, p, weights, beta=beta, radius=radius, attention=spec)
+        return grad_map(theta, x, p, weights, beta=beta, radius=radius, attention=spec, check=False)
 
     return jax.lax.map(one, (params, xs, ps))
 
