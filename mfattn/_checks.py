@@ -372,3 +372,52 @@ def overflow_reason(spec, beta) -> str:
             "token norm or the parameter scale, or use a normalised kind (softmax, l2) or residual='sphere'"
         )
     return f"{b}; check the parameter scale and beta"
+
+
+# ------------------------------------------------------------------------------------------ ODE solves
+
+
+def check_solve(fn: str, dt0, max_steps, rtol, atol) -> None:
+    """Settings of a Diffrax solve, checked before Diffrax sees them: ``dt0 > 0`` or None, ``max_steps`` a
+    positive integer, ``rtol, atol >= 0`` finite and not both 0."""
+    if dt0 is not None and not _traced(dt0):
+        check_real(fn, "dt0", dt0, positive=True)
+    check_int(fn, "max_steps", max_steps, minimum=1)
+    r = check_real(fn, "rtol", rtol, minimum=0) if not _traced(rtol) else None
+    a = check_real(fn, "atol", atol, minimum=0) if not _traced(atol) else None
+    if r == 0 and a == 0:
+        raise ValueError(f"{fn}: rtol and atol cannot both be 0 (no step would ever be accepted).")
+
+
+def check_times(fn: str, ts, grid, dtype):
+    """Save times ``ts``: a non-empty 1-D finite, non-decreasing array within ``[grid[0], grid[-1]]``."""
+    ts = _as_array(fn, "ts", ts)
+    if ts.ndim != 1 or ts.shape[0] < 1:
+        raise ValueError(f"{fn}: ts must be a non-empty 1-D array of save times, got shape {ts.shape}.")
+    if not (jnp.issubdtype(ts.dtype, jnp.floating) or jnp.issubdtype(ts.dtype, jnp.integer)) or ts.dtype == jnp.bool_:
+        raise TypeError(f"{fn}: ts must be real numbers, got dtype {ts.dtype}.")
+    ts = ts.astype(dtype)
+    if _traced(ts) or _traced(grid):
+        return ts
+    t, g = np.asarray(ts), np.asarray(grid)
+    if not np.all(np.isfinite(t)):
+        raise ValueError(f"{fn}: ts contains NaN or inf, got {t!r}.")
+    if np.any(np.diff(t) < 0):
+        raise ValueError(f"{fn}: ts must be non-decreasing, got {t!r}.")
+    span = float(g[-1] - g[0])
+    slack = 1e3 * float(np.finfo(t.dtype).eps) * max(span, 1.0)
+    if t[0] < g[0] - slack or t[-1] > g[-1] + slack:
+        raise ValueError(f"{fn}: ts must lie in the grid's [t_0, t_K] = [{g[0]:.6g}, {g[-1]:.6g}], got {t!r}.")
+    return ts
+
+
+def solve_failed(fn: str, error: Exception, max_steps: int):
+    """A clearer error for a Diffrax solve that ran out of steps (``None`` for any other failure)."""
+    if "maximum number of" not in str(error) and "max_steps" not in str(error):
+        return None
+    return RuntimeError(
+        f"{fn}: the ODE solve took more than max_steps = {max_steps} steps: the dynamics overflowed (the tokens "
+        "grew without bound, e.g. unnormalised attention at a large beta or token norm: the discrete model's "
+        "mfattn.forward names the layer) or the problem is stiff at these tolerances; lower beta or the token "
+        "norm, or raise max_steps."
+    )

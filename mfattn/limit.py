@@ -125,7 +125,8 @@ class _Solve(eqx.Module):
 
 
 def _settings(solver, stepsize_controller, dt0, max_steps, adjoint, rtol, atol, attention=None, fn="limit") -> _Solve:
-    spec = as_attention(attention)
+    spec = as_attention(attention, fn)
+    _checks.check_solve(fn, dt0, max_steps, rtol, atol)
     if spec.depth_exponent != 1:
         raise ValueError(
             f"{fn}: the depth limit exists for the residual step 1/L only (depth_exponent = 1), got "
@@ -160,11 +161,8 @@ def _prepare(fn, ensemble, tokens, weights, beta, radius, grid, interpolation):
     return ensemble, tokens, weights, beta, radius, grid
 
 
-def _check_ts(fn, ts, dtype):
-    ts = jnp.asarray(ts, dtype)
-    if ts.ndim != 1 or ts.shape[0] < 1:
-        raise ValueError(f"{fn}: ts must be a non-empty 1-D array of save times, got shape {ts.shape}.")
-    return ts
+def _check_ts(fn, ts, dtype, grid):
+    return _checks.check_times(fn, ts, grid, dtype)
 
 
 def _tangent(x, v):
@@ -285,11 +283,17 @@ def forward(
     ensemble, tokens, weights, beta, radius, grid = _prepare(
         "limit.forward", ensemble, tokens, weights, beta, radius, grid, interpolation
     )
-    ts = None if saveat is not None else _check_ts("limit.forward", ts, tokens.dtype)
+    ts = None if saveat is not None else _check_ts("limit.forward", ts, tokens.dtype, grid)
     s = _settings(solver, stepsize_controller, dt0, max_steps, adjoint, rtol, atol, attention, "limit.forward")
-    if saveat is not None:
-        return _solve(ensemble, tokens, weights, beta, radius, grid, interpolation, s, saveat)
-    return _forward(ensemble, tokens, weights, beta, radius, grid, interpolation, s, ts)
+    try:
+        if saveat is not None:
+            return _solve(ensemble, tokens, weights, beta, radius, grid, interpolation, s, saveat)
+        return _forward(ensemble, tokens, weights, beta, radius, grid, interpolation, s, ts)
+    except Exception as e:  # noqa: BLE001 - only Diffrax's step-budget failure is reworded
+        clearer = _checks.solve_failed("limit.forward", e, max_steps)
+        if clearer is None:
+            raise
+        raise clearer from e
 
 
 @eqx.filter_jit
@@ -412,13 +416,20 @@ def forward_backward(
         each ``(T, N, d)``. ``ps[0]`` at ``ts[0] = 0`` is ``(1/m_i) d ell / d x_i(0)``.
     """
     if not isinstance(loss, Loss):
-        raise ValueError(f"limit.forward_backward: loss must be an mfattn.losses.Loss, got {type(loss).__name__}.")
+        raise TypeError(f"limit.forward_backward: loss must be an mfattn.losses.Loss, got {type(loss).__name__}.")
     ensemble, tokens, weights, beta, radius, grid = _prepare(
         "limit.forward_backward", ensemble, tokens, weights, beta, radius, grid, interpolation
     )
-    ts = _check_ts("limit.forward_backward", ts, tokens.dtype)
+    ts = _check_ts("limit.forward_backward", ts, tokens.dtype, grid)
     s = _settings(solver, stepsize_controller, dt0, max_steps, None, rtol, atol, attention, "limit.forward_backward")
-    return _forward_backward(ensemble, tokens, weights, targets, loss, beta, radius, grid, interpolation, s, ts)
+    targets = loss.check_targets("limit.forward_backward", tokens, targets)
+    try:
+        return _forward_backward(ensemble, tokens, weights, targets, loss, beta, radius, grid, interpolation, s, ts)
+    except Exception as e:  # noqa: BLE001 - only Diffrax's step-budget failure is reworded
+        clearer = _checks.solve_failed("limit.forward_backward", e, max_steps)
+        if clearer is None:
+            raise
+        raise clearer from e
 
 
 @eqx.filter_jit
