@@ -11,13 +11,14 @@ Every error names the function and the argument (``"limit.forward: rtol must be 
   ``jax.jit``/``jax.vmap``) the same checks are attached with :func:`equinox.error_if` and raise at run
   time, before the result is returned.
 
-Seeing the message under ``jax.jit``: JAX reports a failed run-time check as an ``XlaRuntimeError`` whose
-first line is ``INTERNAL: CpuCallback error ...`` followed by a Python traceback; the mfattn message is the
-line after ``EquinoxRuntimeError:`` / ``_EquinoxRuntimeError:`` near its end. Wrap the function in
-``equinox.filter_jit`` instead of ``jax.jit`` and the raised ``EquinoxRuntimeError``'s message *starts*
-with the mfattn message; or set ``EQX_ON_ERROR=nan`` (failed checks return NaN instead of raising) or
-``EQX_ON_ERROR=breakpoint`` (a debugger opens at the failed check, the message printed first) in the
-environment before importing mfattn.
+Seeing the message under ``jax.jit``: JAX reports a failed run-time check as a ``JaxRuntimeError`` whose
+first line is ``INTERNAL: CpuCallback error calling callback: Traceback ...``; the mfattn message is the line
+that starts after ``EquinoxRuntimeError: `` (``str(e).split("EquinoxRuntimeError: ")[-1].splitlines()[0]``).
+Under ``equinox.filter_jit`` it is an ``equinox.EquinoxRuntimeError`` that shows the message after a short
+stack. The one-line way to get it as the first line: rerun with ``JAX_DISABLE_JIT=1`` in the environment --
+the inputs are then concrete and the same check raises a plain ``ValueError`` with the mfattn message. (Or
+``EQX_ON_ERROR=breakpoint``: a debugger opens at the failed check, the message printed first;
+``EQX_ON_ERROR=nan``: failed checks return NaN instead of raising.)
 """
 
 from __future__ import annotations
@@ -82,9 +83,9 @@ def check_real(
     name: str,
     value,
     *,
-    minimum: float | None = None,
+    minimum: float | int | None = None,
     positive: bool = False,
-    maximum: float | None = None,
+    maximum: float | int | None = None,
     allow_none: bool = False,
     finite: bool = True,
 ) -> float | None:
@@ -243,10 +244,10 @@ def check_weights(fn: str, weights, n: int, dtype, *, name: str = "weights", nor
     w = np.asarray(weights)
     if not np.all(np.isfinite(w)):
         i = int(np.argmin(np.isfinite(w)))
-        raise ValueError(f"{fn}: {name} contains NaN or inf ({name}[{i}] = {w[i]!r}).")
+        raise ValueError(f"{fn}: {name} contains NaN or inf ({name}[{i}] = {float(w[i])}).")
     if np.any(w < 0):
         i = int(np.argmin(w))
-        raise ValueError(f"{fn}: {name} must be >= 0, got {name}[{i}] = {w[i]!r}.")
+        raise ValueError(f"{fn}: {name} must be >= 0, got {name}[{i}] = {float(w[i])}.")
     if normalized and abs(float(w.sum()) - 1) > tol:
         raise ValueError(f"{fn}: {name} must sum to 1 (tolerance {tol:.1e}), got sum {float(w.sum())!r}.")
     if not normalized and not float(w.sum()) > 0:

@@ -299,6 +299,7 @@ def adjoint_field(
         discrete backward step is ``p^l = p^{l+1} + G / L``; the limit's is ``dp/dt = -G``.
     """
     if check:
+        attention = as_attention(attention, "adjoint_field")
         theta, _, tokens, adjoints, weights, beta, radius = _checks.kernel_args(
             "adjoint_field", theta, None, tokens, weights, beta, radius, adjoints
         )
@@ -324,6 +325,7 @@ def grad_map(
     :func:`adjoint_field` (``check``: validate them, the default).
     """
     if check:
+        attention = as_attention(attention, "grad_map")
         theta, _, tokens, adjoints, weights, beta, radius = _checks.kernel_args(
             "grad_map", theta, None, tokens, weights, beta, radius, adjoints
         )

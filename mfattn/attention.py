@@ -147,14 +147,14 @@ class Attention:
     def __post_init__(self):
         _checks.check_choice("Attention", "kind", self.kind, KINDS)
         for name in ("causal", "remat"):
-            _checks.check_bool("Attention", name, getattr(self, name))
+            object.__setattr__(self, name, _checks.check_bool("Attention", name, getattr(self, name)))
         _checks.check_real("Attention", "bias", self.bias)
         if not (self.logit_scale is None or isinstance(self.logit_scale, str)):
             _checks.check_real("Attention", "logit_scale", self.logit_scale, positive=True)
         _checks.check_choice("Attention", "residual", self.residual, ("euler", "sphere"))
         _checks.check_real("Attention", "depth_exponent", self.depth_exponent, positive=True)
-        _checks.check_int("Attention", "sinkhorn_iters", self.sinkhorn_iters, minimum=1)
-        _checks.check_int("Attention", "chunk", self.chunk, minimum=1, allow_none=True)
+        object.__setattr__(self, "sinkhorn_iters", _checks.check_int("Attention", "sinkhorn_iters", self.sinkhorn_iters, minimum=1))
+        object.__setattr__(self, "chunk", _checks.check_int("Attention", "chunk", self.chunk, minimum=1, allow_none=True))
         if not (self.matmul_dtype is None or isinstance(self.matmul_dtype, str)):
             raise TypeError(f"Attention: matmul_dtype must be None or a dtype name, got {self.matmul_dtype!r}.")
         if self.kind not in KINDS:
@@ -423,7 +423,7 @@ def velocity(
         )
     if spec.causal and queries.shape[0] != tokens.shape[0]:
         raise ValueError(
-            f"causal attention needs the queries to be the tokens in order, got Nq = {queries.shape[0]}, "
+            f"velocity: causal attention needs the queries to be the tokens in order, got Nq = {queries.shape[0]}, "
             f"N = {tokens.shape[0]}."
         )
     keys = project_ball(tokens, radius)

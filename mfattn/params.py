@@ -54,13 +54,13 @@ class Params(eqx.Module):
         for name, x in zip(("wq", "wk", "wv", "wo"), leaves):
             if x.ndim != 4:
                 raise ValueError(
-                    f"Params.{name} must have shape (T, P, d, k) (grid, particles, dim, head_dim); "
+                    f"Params: {name} must have shape (T, P, d, k) (grid, particles, dim, head_dim); "
                     f"got shape {tuple(x.shape)}."
                 )
         shapes = {tuple(x.shape) for x in leaves}
         if len(shapes) != 1:
             raise ValueError(
-                "Params leaves must all have the same shape (T, P, d, k); got "
+                "Params: the leaves wq, wk, wv, wo must all have the same shape (T, P, d, k); got "
                 + ", ".join(f"{n}={tuple(x.shape)}" for n, x in zip(("wq", "wk", "wv", "wo"), leaves))
             )
         shape = tuple(self.wq.shape)

@@ -214,7 +214,7 @@ def adjoint(
         Lions derivative of the loss (as a function of the input measure) at that token.
     """
     spec = as_attention(attention, "adjoint")
-    x0 = _first("adjoint", trajectory)
+    x0 = _first("adjoint", params, trajectory)
     params, x0, weights, beta, radius = _checks.prepare("adjoint", params, x0, weights, beta, radius)
     trajectory, terminal = _check_traj("adjoint", params, x0, trajectory, terminal, "terminal", "(N, d)")
     return _adjoint(params, trajectory, terminal, weights, beta, radius, spec)
@@ -238,7 +238,7 @@ def param_grad(
     adjoint in ``pi^l`` is ``p^{l+1}`` pulled back through the normalisation.
     """
     spec = as_attention(attention, "param_grad")
-    x0 = _first("param_grad", trajectory)
+    x0 = _first("param_grad", params, trajectory)
     params, x0, weights, beta, radius = _checks.prepare("param_grad", params, x0, weights, beta, radius)
     trajectory, adjoints = _check_traj("param_grad", params, x0, trajectory, adjoints, "adjoints", "(L+1, N, d)")
     return _param_grad(params, trajectory, adjoints, weights, beta, radius, spec)
@@ -315,10 +315,16 @@ def _autodiff_loss_and_grad(params, tokens, weights, targets, loss, beta, radius
     return jax.value_and_grad(objective)(params)
 
 
-def _first(fn, trajectory):
+def _first(fn, params, trajectory):
     trajectory = _checks.check_array(fn, "trajectory", trajectory, jnp.shape(trajectory), "(L+1, N, d)")
     if trajectory.ndim != 3:
         raise ValueError(f"{fn}: trajectory must have shape (L+1, N, d), got {trajectory.shape}.")
+    params = _checks.check_params(fn, params)
+    if trajectory.shape[2] != params.dim:
+        raise ValueError(
+            f"{fn}: trajectory has dimension d = {trajectory.shape[2]} but params have d = {params.dim}, "
+            f"got trajectory shape {trajectory.shape}."
+        )
     return trajectory[0]
 
 
