@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-
 class Heads(NamedTuple):
     """One layer's heads ``(P, d, k)`` each, when the caller's ``theta`` is not a pytree of the four."""
 

@@ -153,8 +153,12 @@ class Attention:
             _checks.check_real("Attention", "logit_scale", self.logit_scale, positive=True)
         _checks.check_choice("Attention", "residual", self.residual, ("euler", "sphere"))
         _checks.check_real("Attention", "depth_exponent", self.depth_exponent, positive=True)
-        object.__setattr__(self, "sinkhorn_iters", _checks.check_int("Attention", "sinkhorn_iters", self.sinkhorn_iters, minimum=1))
-        object.__setattr__(self, "chunk", _checks.check_int("Attention", "chunk", self.chunk, minimum=1, allow_none=True))
+        object.__setattr__(
+            self, "sinkhorn_iters", _checks.check_int("Attention", "sinkhorn_iters", self.sinkhorn_iters, minimum=1)
+        )
+        object.__setattr__(
+            self, "chunk", _checks.check_int("Attention", "chunk", self.chunk, minimum=1, allow_none=True)
+        )
         if not (self.matmul_dtype is None or isinstance(self.matmul_dtype, str)):
             raise TypeError(f"Attention: matmul_dtype must be None or a dtype name, got {self.matmul_dtype!r}.")
         if self.kind not in KINDS:
@@ -462,7 +466,9 @@ def attention(
         raise ValueError("attention: causal masking needs the token order; use mfattn.velocity(...) instead.")
     if jnp.ndim(wq) != 2:
         raise ValueError(f"attention: wq must have shape (d, k), got {jnp.shape(wq)}.")
-    mats = [_checks.check_array("attention", n, m, jnp.shape(wq), "(d, k) like wq") for n, m in zip(_W, (wq, wk, wv, wo))]
+    mats = [
+        _checks.check_array("attention", n, m, jnp.shape(wq), "(d, k) like wq") for n, m in zip(_W, (wq, wk, wv, wo))
+    ]
     x = _checks.check_array("attention", "x", x, jnp.shape(wq)[:1], "(d,)")
     theta, x, tokens, _, weights, beta, radius = _checks.kernel_args(
         "attention", _Head(*(m[None] for m in mats)), x[None], tokens, weights, beta, radius

@@ -180,7 +180,9 @@ class AutodiffLoss(Loss):
 
     def __check_init__(self):
         if not callable(self.fn):
-            raise TypeError(f"AutodiffLoss: fn must be a callable (tokens, weights, targets) -> scalar, got {self.fn!r}.")
+            raise TypeError(
+                f"AutodiffLoss: fn must be a callable (tokens, weights, targets) -> scalar, got {self.fn!r}."
+            )
         _checks.check_choice("AutodiffLoss", "padding", self.padding, ("zero", "exact"))
 
     def __call__(self, tokens: Float[Array, "N d"], weights: Float[Array, " N"], targets) -> Scalar:

@@ -80,8 +80,13 @@ def _check_type(fn: str, name: str, value: Any, schedule: bool = False) -> None:
         return
     ok = not isinstance(value, (bool, np.bool_, str, bytes)) and (
         isinstance(value, (numbers.Real, np.number))
-        or (hasattr(value, "dtype") and hasattr(value, "shape") and jnp.issubdtype(value.dtype, jnp.number)
-            and not jnp.issubdtype(value.dtype, jnp.complexfloating) and jnp.ndim(value) == 0)
+        or (
+            hasattr(value, "dtype")
+            and hasattr(value, "shape")
+            and jnp.issubdtype(value.dtype, jnp.number)
+            and not jnp.issubdtype(value.dtype, jnp.complexfloating)
+            and jnp.ndim(value) == 0
+        )
     )
     if not ok:
         what = "a real number or an Optax schedule" if schedule else "a real number"

@@ -336,15 +336,22 @@ def _check_result(fn, value, grads, params, tokens, weights, beta, radius, spec)
     why = _checks.overflow_reason(spec, beta)
     if _checks.is_traced(bad_value) or _checks.is_traced(bad_grad):
         value = eqx.error_if(
-            value, bad_value, f"{fn}: the loss is NaN or inf: the dynamics overflowed (mfattn.forward names the layer){why}."
+            value,
+            bad_value,
+            f"{fn}: the loss is NaN or inf: the dynamics overflowed (mfattn.forward names the layer){why}.",
         )
         grads = eqx.error_if(grads, bad_grad, f"{fn}: the gradient is NaN or inf: the backward pass overflowed{why}.")
         return value, grads
     if bool(bad_value) or bool(bad_grad):
         _checks.check_dynamics(fn, _forward(params, tokens, weights, beta, radius, spec), why)
         if bool(bad_value):
-            raise ValueError(f"{fn}: the loss is NaN or inf although the tokens stayed finite (check the loss and targets).")
-        raise ValueError(f"{fn}: the gradient is NaN or inf although the tokens and the loss are finite: the backward pass overflowed{why}.")
+            raise ValueError(
+                f"{fn}: the loss is NaN or inf although the tokens stayed finite (check the loss and targets)."
+            )
+        raise ValueError(
+            f"{fn}: the gradient is NaN or inf although the tokens and the loss are finite: the backward pass "
+            f"overflowed{why}."
+        )
     return value, grads
 
 

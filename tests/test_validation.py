@@ -219,7 +219,9 @@ for fn in ("velocity", "adjoint_field", "grad_map"):
         ("attention", "bogus", dict(attention="softmin"), ValueError),
     ):
         case(fn, arg, lambda call=call, kw=kw: call(**kw), exc, label)
-case("velocity", "queries", lambda: _kernel("velocity")(x=X[:3], attention=Attention(causal=True)), ValueError, "causal")
+case(
+    "velocity", "queries", lambda: _kernel("velocity")(x=X[:3], attention=Attention(causal=True)), ValueError, "causal"
+)
 
 _head = [P.wq[0, 0], P.wk[0, 0], P.wv[0, 0], P.wo[0, 0]]
 
@@ -346,8 +348,13 @@ for fn in ("metrics.wasserstein2", "metrics.wasserstein2_bounds"):
     ):
         case(fn, arg, lambda fn=fn, kw=kw: _w2(fn, **kw), exc, label)
 case("metrics.wasserstein2", "method", lambda: _w2("metrics.wasserstein2", method="bogus"), ValueError, "bogus")
-case("metrics.wasserstein2", "weights_b", lambda: _w2("metrics.wasserstein2", method="sinkhorn", weights_b=-WB),
-     ValueError, "sinkhorn-negative")
+case(
+    "metrics.wasserstein2",
+    "weights_b",
+    lambda: _w2("metrics.wasserstein2", method="sinkhorn", weights_b=-WB),
+    ValueError,
+    "sinkhorn-negative",
+)
 
 for fn, f, extra in (
     ("metrics.diameter", metrics.diameter, {}),
