@@ -127,7 +127,7 @@ def check_choice(fn: str, name: str, value, choices: tuple):
 # ------------------------------------------------------------------------------------------------- arrays
 
 
-def _as_array(fn: str, name: str, x):
+def as_array(fn: str, name: str, x):
     if isinstance(x, (str, bytes)) or x is None:
         raise TypeError(f"{fn}: {name} must be an array, got {type(x).__name__} {x!r}.")
     try:
@@ -170,7 +170,7 @@ def check_head_params(fn: str, theta):
                 f"{fn}: theta must have fields wq, wk, wv, wo (one layer of an mfattn.Params, e.g. "
                 f"jax.tree.map(lambda a: a[l], params)), got {type(theta).__name__}."
             )
-        leaves.append(_as_array(fn, f"theta.{name}", getattr(theta, name)))
+        leaves.append(as_array(fn, f"theta.{name}", getattr(theta, name)))
     shapes = {tuple(x.shape) for x in leaves}
     if len(shapes) != 1 or len(next(iter(shapes))) != 3:
         hint = " (a whole Params? pass one layer, params[l])" if any(x.ndim == 4 for x in leaves) else ""
@@ -197,7 +197,7 @@ _PARAMS_HINT = " (parameters of a diverged training run? lower the learning rate
 
 
 def check_array(fn: str, name: str, x, shape: tuple, dims: str):
-    x = _as_array(fn, name, x)
+    x = as_array(fn, name, x)
     if x.shape != tuple(shape):
         hint = ""
         if x.ndim == len(shape) + 1 and x.shape[1:] == tuple(shape):
@@ -209,7 +209,7 @@ def check_array(fn: str, name: str, x, shape: tuple, dims: str):
 
 def check_points(fn: str, name: str, x, dim: int | None = None, *, finite: bool = True):
     """An ``(N, d)`` floating array with ``N >= 1`` (and ``d = dim`` if given), checked finite."""
-    x = _as_array(fn, name, x)
+    x = as_array(fn, name, x)
     if x.ndim != 2:
         hint = " (a leading batch axis? batch with jax.vmap)" if x.ndim == 3 else ""
         raise ValueError(f"{fn}: {name} must have shape (N, d), got {x.shape}{hint}.")
@@ -226,7 +226,7 @@ def check_weights(fn: str, weights, n: int, dtype, *, name: str = "weights", nor
     (``normalized``) or with a positive total (``normalized=False``)."""
     if weights is None:
         return jnp.full((n,), 1.0 / n, dtype)
-    weights = _as_array(fn, name, weights)
+    weights = as_array(fn, name, weights)
     if weights.shape != (n,):
         raise ValueError(f"{fn}: {name} must have shape (N,) = ({n},) to match the tokens, got {weights.shape}.")
     if jnp.issubdtype(weights.dtype, jnp.complexfloating) or weights.dtype == jnp.bool_:
@@ -286,7 +286,7 @@ def check_scalar(fn: str, name: str, value, dtype, *, allow_none: bool = False, 
 def prepare(fn: str, params, tokens, weights, beta, radius):
     """Validate the common arguments; return them cast to one floating dtype."""
     params = check_params(fn, params)
-    tokens = _as_array(fn, "tokens", tokens)
+    tokens = as_array(fn, "tokens", tokens)
     if tokens.ndim != 2:
         hint = " (a leading batch axis? batch with jax.vmap)" if tokens.ndim == 3 else ""
         raise ValueError(f"{fn}: tokens must have shape (N, d), got {tokens.shape}{hint}.")
@@ -391,7 +391,7 @@ def check_solve(fn: str, dt0, max_steps, rtol, atol) -> None:
 
 def check_times(fn: str, ts, grid, dtype):
     """Save times ``ts``: a non-empty 1-D finite, non-decreasing array within ``[grid[0], grid[-1]]``."""
-    ts = _as_array(fn, "ts", ts)
+    ts = as_array(fn, "ts", ts)
     if ts.ndim != 1 or ts.shape[0] < 1:
         raise ValueError(f"{fn}: ts must be a non-empty 1-D array of save times, got shape {ts.shape}.")
     if not (jnp.issubdtype(ts.dtype, jnp.floating) or jnp.issubdtype(ts.dtype, jnp.integer)) or ts.dtype == jnp.bool_:

@@ -56,6 +56,18 @@ def discrepancy(
 ) -> Scalar:
     """``max_l max_{i live} (|dx_i^l|^2 + |dp_i^l|^2)^(1/2)`` over layers ``l = 0..L`` and tokens of
     positive mass."""
+    fn = "metrics.discrepancy"
+    x_disc = _checks.as_array(fn, "x_disc", x_disc)
+    if x_disc.ndim != 3:
+        raise ValueError(f"{fn}: x_disc must have shape (L+1, N, d), got {x_disc.shape}.")
+    shape = x_disc.shape
+    p_disc, x_lim, p_lim = (
+        _checks.check_array(fn, name, a, shape, "(L+1, N, d) like x_disc")
+        for name, a in (("p_disc", p_disc), ("x_lim", x_lim), ("p_lim", p_lim))
+    )
+    weights = _checks.as_array(fn, "weights", weights)
+    if weights.shape != shape[1:2]:
+        raise ValueError(f"{fn}: weights must have shape (N,) = ({shape[1]},), got {weights.shape}.")
     sq = jnp.sum((x_disc - x_lim) ** 2, axis=-1) + jnp.sum((p_disc - p_lim) ** 2, axis=-1)  # (L+1, N)
     sq = jnp.where((weights > 0)[None, :], sq, 0.0)
     return jnp.sqrt(jnp.max(sq))
@@ -147,6 +159,10 @@ def input_families(key, per_family: int, num_tokens: int, dim: int, radius: floa
     * ``degenerate``: all tokens within ``1e-3 R`` of one random point (a nearly collapsed measure);
     * ``sphere``: tokens uniform on the sphere of radius ``R`` (the boundary, where the bound is tightest).
     """
+    fn = "metrics.input_families"
+    for name, value in (("per_family", per_family), ("num_tokens", num_tokens), ("dim", dim)):
+        _checks.check_int(fn, name, value, minimum=1)
+    _checks.check_real(fn, "radius", radius, positive=True)
     dtype = jnp.zeros(()).dtype if dtype is None else dtype
     k = jax.random.split(key, 6)
     shape = (per_family, num_tokens, dim)

@@ -61,7 +61,8 @@ def _pullback(spec: Attention, theta, x, p, weights, beta, radius, step, f=None)
 def grad_scale(params: Params, attention: Attention | str | None = None) -> float:
     """``h / H`` with ``h = L^-alpha`` the residual step: ``d ell / d theta_{l,h} = (h / H) g(theta_{l,h}, pi^l)``
     (``1 / (L H)`` for the paper's scaling)."""
-    return as_attention(attention).step(params.depth) / params.heads
+    params = _checks.check_params("grad_scale", params)
+    return as_attention(attention, "grad_scale").step(params.depth) / params.heads
 
 
 @eqx.filter_jit
@@ -343,10 +344,12 @@ def _check_result(fn, value, grads, params, tokens, weights, beta, radius, spec)
         grads = eqx.error_if(grads, bad_grad, f"{fn}: the gradient is NaN or inf: the backward pass overflowed{why}.")
         return value, grads
     if bool(bad_value) or bool(bad_grad):
-        _checks.check_dynamics(fn, _forward(params, tokens, weights, beta, radius, spec), why)
+        trajectory = _checks.check_dynamics(fn, _forward(params, tokens, weights, beta, radius, spec), why)
         if bool(bad_value):
+            norm = float(jnp.max(jnp.linalg.norm(trajectory[-1], axis=-1)))
             raise ValueError(
-                f"{fn}: the loss is NaN or inf although the tokens stayed finite (check the loss and targets)."
+                f"{fn}: the loss is NaN or inf although the tokens stayed finite (the largest output token norm is "
+                f"{norm:.3g}: if that is huge, the dynamics overflowed{why}; otherwise check the loss and targets)."
             )
         raise ValueError(
             f"{fn}: the gradient is NaN or inf although the tokens and the loss are finite: the backward pass "

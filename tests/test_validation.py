@@ -376,6 +376,26 @@ for fn, f, extra in (
         for value, exc in ((0.0, ValueError), (-1.0, ValueError), (float("nan"), ValueError), ("x", TypeError)):
             case(fn, "threshold", lambda f=f, value=value: f(X, W, threshold=value), exc, repr(value))
 
+XD = jnp.zeros((L + 1, N, D))
+for arg, args, exc in (
+    ("x_disc", (XD[0], XD, XD, XD, W), ValueError),
+    ("p_lim", (XD, XD, XD, XD[1:], W), ValueError),
+    ("x_lim", (XD, XD, XD.astype(jnp.int32), XD, W), TypeError),
+    ("weights", (XD, XD, XD, XD, W[:3]), ValueError),
+):
+    case("metrics.discrepancy", arg, lambda args=args: metrics.discrepancy(*args), exc)
+for arg, kw, exc in (
+    ("per_family", dict(per_family=0), ValueError),
+    ("num_tokens", dict(num_tokens=2.0), TypeError),
+    ("dim", dict(dim=True), TypeError),
+    ("radius", dict(radius=-1.0), ValueError),
+    ("radius", dict(radius="1"), TypeError),
+):
+    args = dict(key=jax.random.key(0), per_family=2, num_tokens=3, dim=2, radius=1.0) | kw
+    case("metrics.input_families", arg, lambda args=args: metrics.input_families(**args), exc)
+case("grad_scale", "params", lambda: mfattn.grad_scale((P.wq,)), TypeError)
+case("grad_scale", "attention", lambda: mfattn.grad_scale(P, "bogus"), ValueError)
+
 # ---------------------------------------------------------------------------------------------- optimizers
 
 for fn, make in (("adamw", optim.adamw), ("blockwise_adamw", optim.blockwise_adamw)):
