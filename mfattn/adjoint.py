@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from . import _checks
 from .attention import (
     Attention,
     ParticleMajor,
@@ -374,7 +375,7 @@ def _autodiff_backward(spec, theta, tokens, adjoints, weights, beta, radius, *, 
     unscaled = dataclasses.replace(spec, logit_scale=None)
 
     def vel(th, xq, xk, mk):
-        return velocity(th, xq, xk, mk, beta=beta, radius=radius, attention=unscaled)
+        return velocity(th, xq, xk, mk, beta=beta, radius=radius, attention=unscaled, check=False)
 
     g_field = g_map = None
     if field:
@@ -422,6 +423,7 @@ def adjoint_field(
     beta,
     radius=None,
     attention: Attention | str | None = None,
+    check: bool = True,
 ) -> Float[Array, "N d"]:
     """The adjoint field ``G(pi, x_i, p_i; nu)`` at every token (docs/spec.md section 4).
 
@@ -435,11 +437,18 @@ def adjoint_field(
         attention: the kernel (:class:`~mfattn.Attention` or a kind string; default softmax). Closed-form
             backward for every kind but ``"sinkhorn"``, whose ``G`` and ``g`` come from autodiff of the
             layer's velocity (through the unrolled Sinkhorn iterations).
+        check: validate the arguments, as :func:`mfattn.velocity` does (the library's own layers pass
+            ``False``).
 
     Returns:
         ``(N, d)``: ``(1/P) sum_h [J_h(x_i)^T p_i + sum_j m_j (d_mu Gamma_h(x_j)(x_i))^T p_j]``. The
         discrete backward step is ``p^l = p^{l+1} + G / L``; the limit's is ``dp/dt = -G``.
     """
+    if check:
+        attention = as_attention(attention, "adjoint_field")
+        theta, _, tokens, adjoints, weights, beta, radius = _checks.kernel_args(
+            "adjoint_field", theta, None, tokens, weights, beta, radius, adjoints
+        )
     return _backward(theta, tokens, adjoints, weights, beta, radius, field=True, grad=False, attention=attention)[0]
 
 
@@ -452,13 +461,20 @@ def grad_map(
     beta,
     radius=None,
     attention: Attention | str | None = None,
+    check: bool = True,
 ):
     """The rescaled gradient map ``g(theta_h, pi) = sum_i m_i grad_theta Gamma(mu, x_i, theta_h)^T p_i``
     for every head (particle) ``h`` of one layer (docs/spec.md, paper eq. 20).
 
     Returns a pytree like ``theta`` (leaves ``(P, d, k)``). The true gradient of the loss with respect
-    to head ``h`` of layer ``l`` in an ``L``-layer, ``H``-head model is ``g / (L H)``.
+    to head ``h`` of layer ``l`` in an ``L``-layer, ``H``-head model is ``g / (L H)``. Arguments as in
+    :func:`adjoint_field` (``check``: validate them, the default).
     """
+    if check:
+        attention = as_attention(attention, "grad_map")
+        theta, _, tokens, adjoints, weights, beta, radius = _checks.kernel_args(
+            "grad_map", theta, None, tokens, weights, beta, radius, adjoints
+        )
     return _backward(theta, tokens, adjoints, weights, beta, radius, field=False, grad=True, attention=attention)[1]
 
 

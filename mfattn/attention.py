@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from . import _checks
+
 __all__ = [
     "Attention",
     "as_attention",
@@ -169,6 +171,22 @@ class Attention:
     kernel: Literal["auto", "heads", "sequential", "particles"] = "auto"
 
     def __post_init__(self):
+        _checks.check_choice("Attention", "kind", self.kind, KINDS)
+        for name in ("causal", "remat"):
+            object.__setattr__(self, name, _checks.check_bool("Attention", name, getattr(self, name)))
+        _checks.check_real("Attention", "bias", self.bias)
+        if not (self.logit_scale is None or isinstance(self.logit_scale, str)):
+            _checks.check_real("Attention", "logit_scale", self.logit_scale, positive=True)
+        _checks.check_choice("Attention", "residual", self.residual, ("euler", "sphere"))
+        _checks.check_real("Attention", "depth_exponent", self.depth_exponent, positive=True)
+        object.__setattr__(
+            self, "sinkhorn_iters", _checks.check_int("Attention", "sinkhorn_iters", self.sinkhorn_iters, minimum=1)
+        )
+        object.__setattr__(
+            self, "chunk", _checks.check_int("Attention", "chunk", self.chunk, minimum=1, allow_none=True)
+        )
+        if not (self.matmul_dtype is None or isinstance(self.matmul_dtype, str)):
+            raise TypeError(f"Attention: matmul_dtype must be None or a dtype name, got {self.matmul_dtype!r}.")
         if self.kind not in KINDS:
             raise ValueError(f"Attention: kind must be one of {KINDS}, got {self.kind!r}.")
         if self.causal and self.kind == "sinkhorn":
@@ -294,17 +312,18 @@ def _matmul(spec: Attention, shared: bool = False):
     return mm
 
 
-def as_attention(attention) -> Attention:
-    """``None`` -> softmax; a kind string -> ``Attention(kind)``; an :class:`Attention` unchanged."""
+def as_attention(attention, fn: str = "as_attention") -> Attention:
+    """``None`` -> softmax; a kind string -> ``Attention(kind)``; an :class:`Attention` unchanged (errors name
+    ``fn``)."""
     if attention is None:
         return SOFTMAX
     if isinstance(attention, Attention):
         return attention
     if isinstance(attention, str):
         if attention not in KINDS:
-            raise ValueError(f"attention must be one of {KINDS} or an mfattn.Attention, got {attention!r}.")
+            raise ValueError(f"{fn}: attention must be one of {KINDS} or an mfattn.Attention, got {attention!r}.")
         return Attention(kind=attention)
-    raise ValueError(f"attention must be a kind string or an mfattn.Attention, got {type(attention).__name__}.")
+    raise TypeError(f"{fn}: attention must be a kind string or an mfattn.Attention, got {type(attention).__name__}.")
 
 
 def _exp_cap(dtype) -> float:
@@ -412,6 +431,7 @@ def velocity(
     beta,
     radius=None,
     attention: Attention | str | None = None,
+    check: bool = True,
 ) -> Float[Array, "Nq d"]:
     """Multi-head mean-field velocity ``F(mu, x, nu) = (1/P) sum_h Gamma(mu, x, theta_h)``.
 
@@ -422,18 +442,24 @@ def velocity(
         queries: ``(Nq, d)`` points ``x`` at which ``F`` is evaluated (``Nq = N``, the tokens in order,
             for causal attention).
         tokens: ``(N, d)`` atoms ``x_j`` of ``mu``.
-        weights: ``(N,)`` masses ``m_j >= 0`` summing to 1 (not checked here).
-        beta: inverse temperature.
+        weights: ``(N,)`` masses ``m_j >= 0`` summing to 1.
+        beta: inverse temperature ``>= 0``.
         radius: optional ball radius ``R`` of the projection ``Pi_R`` applied to ``mu``.
         attention: the kernel (:class:`Attention` or a kind string; default softmax).
+        check: validate the arguments (shapes in Python; values, when traced, by ``equinox.error_if``).
+            The library's own layers pass ``False``: their inputs were checked at the entry point.
 
     Returns:
         ``(Nq, d)``. Work ``O(P Nq N k)``, memory ``O(P Nq N)``.
     """
-    spec = as_attention(attention)
+    spec = as_attention(attention, "velocity")
+    if check:
+        theta, queries, tokens, _, weights, beta, radius = _checks.kernel_args(
+            "velocity", theta, queries, tokens, weights, beta, radius
+        )
     if spec.causal and queries.shape[0] != tokens.shape[0]:
         raise ValueError(
-            f"causal attention needs the queries to be the tokens in order, got Nq = {queries.shape[0]}, "
+            f"velocity: causal attention needs the queries to be the tokens in order, got Nq = {queries.shape[0]}, "
             f"N = {tokens.shape[0]}."
         )
     keys = project_ball(tokens, radius)
@@ -476,11 +502,22 @@ def attention(
         y = attention(wq, wk, wv, wo, x, tokens, jnp.full(N, 1 / N), beta=1.0)   # (d,)
         Y = jax.vmap(attention, in_axes=(None,) * 4 + (0, None, None))(...)    # many queries
     """
-    spec = as_attention(attention)
+    spec = as_attention(attention, "attention")
     if spec.causal:
         raise ValueError("attention: causal masking needs the token order; use mfattn.velocity(...) instead.")
-    theta = _Head(wq[None], wk[None], wv[None], wo[None])
-    return velocity(theta, x[None, :], tokens, weights, beta=beta, radius=radius, attention=spec)[0]
+    if jnp.ndim(wq) != 2:
+        raise ValueError(f"attention: wq must have shape (d, k), got {jnp.shape(wq)}.")
+    mats = [
+        _checks.check_array("attention", n, m, jnp.shape(wq), "(d, k) like wq") for n, m in zip(_W, (wq, wk, wv, wo))
+    ]
+    x = _checks.check_array("attention", "x", x, jnp.shape(wq)[:1], "(d,)")
+    theta, x, tokens, _, weights, beta, radius = _checks.kernel_args(
+        "attention", _Head(*(m[None] for m in mats)), x[None], tokens, weights, beta, radius
+    )
+    return velocity(theta, x, tokens, weights, beta=beta, radius=radius, attention=spec, check=False)[0]
+
+
+_W = ("wq", "wk", "wv", "wo")
 
 
 class _Head(NamedTuple):

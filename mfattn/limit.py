@@ -134,7 +134,8 @@ class _Solve(eqx.Module):
 
 
 def _settings(solver, stepsize_controller, dt0, max_steps, adjoint, rtol, atol, attention=None, fn="limit") -> _Solve:
-    spec = as_attention(attention)
+    spec = as_attention(attention, fn)
+    _checks.check_solve(fn, dt0, max_steps, rtol, atol)
     if spec.depth_exponent != 1:
         raise ValueError(
             f"{fn}: the depth limit exists for the residual step 1/L only (depth_exponent = 1), got "
@@ -169,11 +170,8 @@ def _prepare(fn, ensemble, tokens, weights, beta, radius, grid, interpolation):
     return ensemble, tokens, weights, beta, radius, grid
 
 
-def _check_ts(fn, ts, dtype):
-    ts = jnp.asarray(ts, dtype)
-    if ts.ndim != 1 or ts.shape[0] < 1:
-        raise ValueError(f"{fn}: ts must be a non-empty 1-D array of save times, got shape {ts.shape}.")
-    return ts
+def _check_ts(fn, ts, dtype, grid):
+    return _checks.check_times(fn, ts, grid, dtype)
 
 
 def _tangent(x, v):
@@ -196,7 +194,7 @@ def _forward_vf(t, x, args):
     ``args`` (``BacksolveAdjoint`` needs a vector field that closes over no arrays)."""
     ensemble, weights, beta, radius, grid, interpolation, spec = args
     theta = param_at(ensemble, t, grid, interpolation)
-    f = velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec)
+    f = velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec, check=False)
     return _tangent(x, f) if spec.residual == "sphere" else f
 
 
@@ -209,11 +207,11 @@ def _backward_vf(t, p, args):
     theta = param_at(ensemble, t, grid, interpolation)
     x = xsol.evaluate(t)
     if spec.residual == "sphere":
-        f = velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec)
-        g = adjoint_field(theta, x, _tangent(x, p), weights, beta=beta, radius=radius, attention=spec)
+        f = velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec, check=False)
+        g = adjoint_field(theta, x, _tangent(x, p), weights, beta=beta, radius=radius, attention=spec, check=False)
         dot = lambda a, b: jnp.sum(a * b, axis=-1, keepdims=True)
         return -(g - dot(x, p) * f - dot(x, f) * p)
-    return -adjoint_field(theta, x, p, weights, beta=beta, radius=radius, attention=spec)
+    return -adjoint_field(theta, x, p, weights, beta=beta, radius=radius, attention=spec, check=False)
 
 
 def _grad_maps(params, xs, ps, weights, beta, radius, spec):
@@ -224,7 +222,7 @@ def _grad_maps(params, xs, ps, weights, beta, radius, spec):
         theta, x, p = a
         if spec.residual == "sphere":
             p = _tangent(x, p)
-        return grad_map(theta, x, p, weights, beta=beta, radius=radius, attention=spec)
+        return grad_map(theta, x, p, weights, beta=beta, radius=radius, attention=spec, check=False)
 
     layout = _kernel_layout(params, xs.shape[1], spec)
     out = jax.lax.map(one, (layout, xs, ps))
@@ -316,11 +314,17 @@ def forward(
     ensemble, tokens, weights, beta, radius, grid = _prepare(
         "limit.forward", ensemble, tokens, weights, beta, radius, grid, interpolation
     )
-    ts = None if saveat is not None else _check_ts("limit.forward", ts, tokens.dtype)
+    ts = None if saveat is not None else _check_ts("limit.forward", ts, tokens.dtype, grid)
     s = _settings(solver, stepsize_controller, dt0, max_steps, adjoint, rtol, atol, attention, "limit.forward")
-    if saveat is not None:
-        return _solve(ensemble, tokens, weights, beta, radius, grid, interpolation, s, saveat)
-    return _forward(ensemble, tokens, weights, beta, radius, grid, interpolation, s, ts)
+    try:
+        if saveat is not None:
+            return _solve(ensemble, tokens, weights, beta, radius, grid, interpolation, s, saveat)
+        return _forward(ensemble, tokens, weights, beta, radius, grid, interpolation, s, ts)
+    except Exception as e:  # noqa: BLE001 - only Diffrax's step-budget failure is reworded
+        clearer = _checks.solve_failed("limit.forward", e, max_steps)
+        if clearer is None:
+            raise
+        raise clearer from e
 
 
 @eqx.filter_jit
@@ -452,13 +456,20 @@ def forward_backward(
         each ``(T, N, d)``. ``ps[0]`` at ``ts[0] = 0`` is ``(1/m_i) d ell / d x_i(0)``.
     """
     if not isinstance(loss, Loss):
-        raise ValueError(f"limit.forward_backward: loss must be an mfattn.losses.Loss, got {type(loss).__name__}.")
+        raise TypeError(f"limit.forward_backward: loss must be an mfattn.losses.Loss, got {type(loss).__name__}.")
     ensemble, tokens, weights, beta, radius, grid = _prepare(
         "limit.forward_backward", ensemble, tokens, weights, beta, radius, grid, interpolation
     )
-    ts = _check_ts("limit.forward_backward", ts, tokens.dtype)
+    ts = _check_ts("limit.forward_backward", ts, tokens.dtype, grid)
     s = _settings(solver, stepsize_controller, dt0, max_steps, None, rtol, atol, attention, "limit.forward_backward")
-    return _forward_backward(ensemble, tokens, weights, targets, loss, beta, radius, grid, interpolation, s, ts)
+    targets = loss.check_targets("limit.forward_backward", tokens, targets)
+    try:
+        return _forward_backward(ensemble, tokens, weights, targets, loss, beta, radius, grid, interpolation, s, ts)
+    except Exception as e:  # noqa: BLE001 - only Diffrax's step-budget failure is reworded
+        clearer = _checks.solve_failed("limit.forward_backward", e, max_steps)
+        if clearer is None:
+            raise
+        raise clearer from e
 
 
 @eqx.filter_jit

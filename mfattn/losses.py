@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
+from . import _checks
+
 __all__ = ["Loss", "TokenRegression", "MMD", "AutodiffLoss"]
 
 
@@ -37,6 +39,17 @@ class Loss(eqx.Module):
     def lions(self, tokens: Float[Array, "N d"], weights: Float[Array, " N"], targets) -> Float[Array, "N d"]:
         """``d_mu ell(mu)(x_i)`` at every atom, ``(N, d)``."""
 
+    def check_targets(self, fn: str, tokens: Float[Array, "N d"], targets):
+        """``targets`` checked for these ``(N, d)`` tokens (``ValueError`` naming ``fn`` and the argument):
+        here, every floating-point array in it finite. Subclasses add their shapes."""
+
+        def leaf(t):
+            if hasattr(t, "dtype") and jnp.issubdtype(jnp.asarray(t).dtype, jnp.inexact):
+                return _checks.check_finite(fn, "targets", jnp.asarray(t))
+            return t
+
+        return jax.tree.map(leaf, targets)
+
 
 class TokenRegression(Loss):
     """Per-token regression ``ell = sum_i m_i |R x_i - y_i|^2 / 2`` with an optional readout ``R``.
@@ -46,6 +59,31 @@ class TokenRegression(Loss):
     """
 
     readout: Float[Array, "dout d"] | None = None
+
+    def __check_init__(self):
+        r = self.readout
+        if r is None or not hasattr(r, "shape"):
+            return
+        if r.ndim != 2 or min(r.shape) < 1:
+            raise ValueError(f"TokenRegression: readout must have shape (d_out, d), got {tuple(r.shape)}.")
+        if not jnp.issubdtype(r.dtype, jnp.floating):
+            raise TypeError(f"TokenRegression: readout must be floating point, got dtype {r.dtype}.")
+        if not _checks.is_traced(r) and not bool(jnp.all(jnp.isfinite(r))):
+            raise ValueError("TokenRegression: readout contains NaN or inf.")
+
+    def check_targets(self, fn: str, tokens: Float[Array, "N d"], targets):
+        """``(N, d_out)`` finite targets (``d_out = d`` without a readout); the readout must be ``(d_out, d)``."""
+        n, d = tokens.shape
+        if self.readout is not None and self.readout.shape[1] != d:
+            raise ValueError(
+                f"{fn}: loss TokenRegression's readout is (d_out, d) = {tuple(self.readout.shape)} but the tokens "
+                f"have d = {d}."
+            )
+        d_out = d if self.readout is None else self.readout.shape[0]
+        if targets is None:
+            raise TypeError(f"{fn}: targets is required for TokenRegression (an ({n}, {d_out}) array), got None.")
+        targets = _checks.check_array(fn, "targets", targets, (n, d_out), "(N, d_out)")
+        return _checks.check_finite(fn, "targets", targets.astype(tokens.dtype))
 
     def _residual(self, tokens, targets):
         pred = tokens if self.readout is None else tokens @ self.readout.T
@@ -77,6 +115,25 @@ class MMD(Loss):
     """
 
     bandwidth: float = 1.0
+
+    def __check_init__(self):
+        if not _checks.is_traced(self.bandwidth):
+            _checks.check_real("MMD", "bandwidth", self.bandwidth, positive=True)
+
+    def check_targets(self, fn: str, tokens: Float[Array, "N d"], targets):
+        """``Y`` ``(M, d)`` finite, or ``(Y, r)`` with masses ``r`` ``(M,)`` ``>= 0`` summing to 1."""
+        d = tokens.shape[1]
+        if targets is None:
+            raise TypeError(f"{fn}: targets is required for MMD (an (M, {d}) array Y or a pair (Y, r)), got None.")
+        if isinstance(targets, (tuple, list)):
+            if len(targets) != 2:
+                raise ValueError(f"{fn}: targets must be Y or a pair (Y, r) for MMD, got {len(targets)} items.")
+            y, r = targets
+        else:
+            y, r = targets, None
+        y = _checks.check_points(fn, "targets", y, d).astype(tokens.dtype)
+        r = _checks.check_weights(fn, r, y.shape[0], tokens.dtype, name="target masses r")
+        return (y, r) if isinstance(targets, (tuple, list)) else y
 
     @staticmethod
     def _target(targets):
@@ -120,6 +177,13 @@ class AutodiffLoss(Loss):
 
     fn: Callable
     padding: Literal["zero", "exact"] = eqx.field(default="zero", static=True)
+
+    def __check_init__(self):
+        if not callable(self.fn):
+            raise TypeError(
+                f"AutodiffLoss: fn must be a callable (tokens, weights, targets) -> scalar, got {self.fn!r}."
+            )
+        _checks.check_choice("AutodiffLoss", "padding", self.padding, ("zero", "exact"))
 
     def __call__(self, tokens: Float[Array, "N d"], weights: Float[Array, " N"], targets) -> Scalar:
         return self.fn(tokens, weights, targets)

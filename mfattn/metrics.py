@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, Scalar
 
+from . import _checks
 from .attention import project_ball
 
 __all__ = [
@@ -55,6 +56,18 @@ def discrepancy(
 ) -> Scalar:
     """``max_l max_{i live} (|dx_i^l|^2 + |dp_i^l|^2)^(1/2)`` over layers ``l = 0..L`` and tokens of
     positive mass."""
+    fn = "metrics.discrepancy"
+    x_disc = _checks.as_array(fn, "x_disc", x_disc)
+    if x_disc.ndim != 3:
+        raise ValueError(f"{fn}: x_disc must have shape (L+1, N, d), got {x_disc.shape}.")
+    shape = x_disc.shape
+    p_disc, x_lim, p_lim = (
+        _checks.check_array(fn, name, a, shape, "(L+1, N, d) like x_disc")
+        for name, a in (("p_disc", p_disc), ("x_lim", x_lim), ("p_lim", p_lim))
+    )
+    weights = _checks.as_array(fn, "weights", weights)
+    if weights.shape != shape[1:2]:
+        raise ValueError(f"{fn}: weights must have shape (N,) = ({shape[1]},), got {weights.shape}.")
     sq = jnp.sum((x_disc - x_lim) ** 2, axis=-1) + jnp.sum((p_disc - p_lim) ** 2, axis=-1)  # (L+1, N)
     sq = jnp.where((weights > 0)[None, :], sq, 0.0)
     return jnp.sqrt(jnp.max(sq))
@@ -146,6 +159,10 @@ def input_families(key, per_family: int, num_tokens: int, dim: int, radius: floa
     * ``degenerate``: all tokens within ``1e-3 R`` of one random point (a nearly collapsed measure);
     * ``sphere``: tokens uniform on the sphere of radius ``R`` (the boundary, where the bound is tightest).
     """
+    fn = "metrics.input_families"
+    for name, value in (("per_family", per_family), ("num_tokens", num_tokens), ("dim", dim)):
+        _checks.check_int(fn, name, value, minimum=1)
+    _checks.check_real(fn, "radius", radius, positive=True)
     dtype = jnp.zeros(()).dtype if dtype is None else dtype
     k = jax.random.split(key, 6)
     shape = (per_family, num_tokens, dim)
@@ -188,12 +205,13 @@ def diameter(tokens: Float[Array, "N d"], weights: Float[Array, " N"]) -> Scalar
     """Diameter of the support of ``mu``: ``max_{i, j: m_i, m_j > 0} |x_i - x_j|``.
 
     Args:
-        tokens: ``(N, d)`` atoms ``x_i``.
-        weights: ``(N,)`` masses ``m_i >= 0``; tokens of mass 0 are ignored.
+        tokens: ``(N, d)`` atoms ``x_i`` (finite).
+        weights: ``(N,)`` masses ``m_i >= 0``, not all 0; tokens of mass 0 are ignored.
 
     Returns:
-        A scalar ``>= 0``; 0 when fewer than two tokens are live. Work and memory ``O(N^2 d)``.
+        A scalar ``>= 0``; 0 when only one token is live. Work and memory ``O(N^2 d)``.
     """
+    tokens, weights = _measure("metrics.diameter", tokens, weights)
     return _diameter(tokens, weights)
 
 
@@ -224,6 +242,8 @@ def cluster_labels(tokens: Float[Array, "N d"], weights: Float[Array, " N"], thr
         ``(N,)`` integer labels: for a live token, the smallest index of a live token in its cluster;
         ``-1`` for padding.
     """
+    tokens, weights = _measure("metrics.cluster_labels", tokens, weights)
+    threshold = _threshold("metrics.cluster_labels", threshold, tokens.dtype)
     return _cluster_labels(tokens, weights, threshold)
 
 
@@ -250,7 +270,7 @@ def num_clusters(tokens: Float[Array, "N d"], weights: Float[Array, " N"], thres
     """Number of clusters of the live tokens at linking distance ``threshold``.
 
     The number of connected components of the graph on ``{i : m_i > 0}`` with an edge ``i ~ j`` whenever
-    ``|x_i - x_j| < threshold`` (see :func:`cluster_labels`). 0 if no token is live.
+    ``|x_i - x_j| < threshold`` (see :func:`cluster_labels`); the masses must not all be 0.
 
     Args:
         tokens: ``(N, d)``; weights: ``(N,)`` masses (0 = padding, ignored); threshold: linking distance.
@@ -259,7 +279,9 @@ def num_clusters(tokens: Float[Array, "N d"], weights: Float[Array, " N"], thres
         An integer scalar in ``[0, N]``. Example: two tight clusters ``1e-3`` wide, ``1`` apart, give 2
         for any ``threshold`` in ``(1e-3, 1)``.
     """
-    labels = cluster_labels(tokens, weights, threshold)
+    tokens, weights = _measure("metrics.num_clusters", tokens, weights)
+    threshold = _threshold("metrics.num_clusters", threshold, tokens.dtype)
+    labels = _cluster_labels(tokens, weights, threshold)
     return jnp.sum(labels == jnp.arange(tokens.shape[0]))
 
 
@@ -285,6 +307,8 @@ def aligned_fraction(tokens: Float[Array, "N d"], weights: Float[Array, " N"], t
     Returns:
         A scalar in ``[0, 1]``. Work and memory ``O(N^2 d)``.
     """
+    tokens, weights = _measure("metrics.aligned_fraction", tokens, weights)
+    threshold = _threshold("metrics.aligned_fraction", threshold, tokens.dtype)
     return _aligned_fraction(tokens, weights, threshold)
 
 
@@ -365,11 +389,39 @@ def _sinkhorn_w2sq(xa, wa, xb, wb, epsilon: float, max_iters: int, tol):
     return lower * scale, upper * scale
 
 
-def _check_w2_args(epsilon, max_iters):
-    if not (isinstance(epsilon, (int, float)) and 0 < epsilon <= 1):
-        raise ValueError(f"wasserstein2: epsilon must be a float in (0, 1], got {epsilon!r}.")
-    if not (isinstance(max_iters, int) and max_iters >= 0):
-        raise ValueError(f"wasserstein2: max_iters must be a non-negative integer, got {max_iters!r}.")
+def _measure(fn, tokens, weights, suffix="", dim=None):
+    """``(N, d)`` finite tokens and ``(N,)`` finite masses ``>= 0`` with a positive total (``_a``/``_b``
+    suffixes for the two measures of :func:`wasserstein2`)."""
+    tokens = _checks.check_points(fn, "tokens" + suffix, tokens, dim)
+    if weights is None:
+        raise TypeError(f"{fn}: weights{suffix} is required (an (N,) array of masses >= 0), got None.")
+    dtype = jnp.result_type(tokens.dtype, float)
+    weights = _checks.check_weights(fn, weights, tokens.shape[0], dtype, name="weights" + suffix, normalized=False)
+    return tokens.astype(dtype), weights
+
+
+def _threshold(fn, threshold, dtype):
+    return _checks.check_scalar(fn, "threshold", threshold, dtype, positive=True)
+
+
+def _check_w2_args(epsilon, max_iters, tol=None, fn="metrics.wasserstein2"):
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{fn}: epsilon must be a float in (0, 1], got {type(epsilon).__name__} {epsilon!r}.")
+    if not 0 < epsilon <= 1:
+        raise ValueError(f"{fn}: epsilon must be a float in (0, 1], got {epsilon!r}.")
+    _checks.check_int(fn, "max_iters", max_iters, minimum=0)
+    if tol is not None:
+        _checks.check_real(fn, "tol", tol, positive=True)
+
+
+def _two_measures(fn, tokens_a, weights_a, tokens_b, weights_b):
+    tokens_a, weights_a = _measure(fn, tokens_a, weights_a, "_a")
+    tokens_b, weights_b = _measure(fn, tokens_b, weights_b, "_b")
+    if tokens_a.shape[1] != tokens_b.shape[1]:
+        raise ValueError(
+            f"{fn}: tokens_a and tokens_b must have the same dimension d, got {tokens_a.shape} and {tokens_b.shape}."
+        )
+    return tokens_a, weights_a, tokens_b, weights_b
 
 
 def wasserstein2_bounds(
@@ -418,7 +470,9 @@ def wasserstein2_bounds(
         ``O(N M)`` per iteration, memory ``O(N M)``. Jittable and vmappable; not reverse-mode
         differentiable (a ``while_loop``).
     """
-    _check_w2_args(epsilon, max_iters)
+    fn = "metrics.wasserstein2_bounds"
+    _check_w2_args(epsilon, max_iters, tol, fn)
+    tokens_a, weights_a, tokens_b, weights_b = _two_measures(fn, tokens_a, weights_a, tokens_b, weights_b)
     lower, upper = _w2sq_jit(tokens_a, weights_a, tokens_b, weights_b, float(epsilon), max_iters, tol)
     return jnp.sqrt(jnp.maximum(lower, 0.0)), jnp.sqrt(jnp.maximum(upper, 0.0))
 
@@ -467,12 +521,13 @@ def wasserstein2(
         A scalar ``>= 0``. Not differentiable. Example: a cloud and its translate by ``s`` are ``|s|``
         apart; two Diracs are ``|x - y|`` apart.
     """
+    fn = "metrics.wasserstein2"
+    _checks.check_choice(fn, "method", method, ("exact", "sinkhorn"))
+    _check_w2_args(epsilon, max_iters, tol, fn)
+    tokens_a, weights_a, tokens_b, weights_b = _two_measures(fn, tokens_a, weights_a, tokens_b, weights_b)
     if method == "sinkhorn":
-        return wasserstein2_bounds(
-            tokens_a, weights_a, tokens_b, weights_b, epsilon=epsilon, max_iters=max_iters, tol=tol
-        )[1]
-    if method != "exact":
-        raise ValueError(f"wasserstein2: method must be 'exact' or 'sinkhorn', got {method!r}.")
+        lower, upper = _w2sq_jit(tokens_a, weights_a, tokens_b, weights_b, float(epsilon), max_iters, tol)
+        return jnp.sqrt(jnp.maximum(upper, 0.0))
     dtype = jnp.result_type(tokens_a, weights_a, tokens_b, weights_b, float)
     sq = jax.pure_callback(
         functools.partial(_exact_w2sq_host, dtype=np.dtype(dtype)),

@@ -31,12 +31,14 @@ gradient flow of the parameters); :func:`apply_step` is one step of it.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Int, PyTree
 
@@ -71,6 +73,26 @@ def _concrete(value: Any) -> float | None:
         return None
 
 
+def _check_type(fn: str, name: str, value: Any, schedule: bool = False) -> None:
+    """``TypeError`` unless ``value`` is a real number (a Python or NumPy scalar, a 0-d array, a tracer) or,
+    with ``schedule``, a callable: a string ``"0.1"`` is refused here, not at the first ``update``."""
+    if schedule and callable(value):
+        return
+    ok = not isinstance(value, (bool, np.bool_, str, bytes)) and (
+        isinstance(value, (numbers.Real, np.number))
+        or (
+            hasattr(value, "dtype")
+            and hasattr(value, "shape")
+            and jnp.issubdtype(value.dtype, jnp.number)
+            and not jnp.issubdtype(value.dtype, jnp.complexfloating)
+            and jnp.ndim(value) == 0
+        )
+    )
+    if not ok:
+        what = "a real number or an Optax schedule" if schedule else "a real number"
+        raise TypeError(f"{fn}: {name} must be {what}, got {type(value).__name__} {value!r}.")
+
+
 def _validate(
     fn: str,
     *,
@@ -81,22 +103,45 @@ def _validate(
     weight_decay: Any = 0.0,
     normalize: str = "sum",
 ) -> None:
-    """Raise ``ValueError`` naming the offending argument; warn if ``b1 >= sqrt(b2)``."""
+    """Raise ``TypeError``/``ValueError`` naming the offending argument; warn if ``b1 >= sqrt(b2)`` or a
+    schedule's first learning rate times ``weight_decay`` exceeds 1."""
+    _check_type(fn, "learning_rate", learning_rate, schedule=True)
+    for name, value in (("b1", b1), ("b2", b2), ("eps", eps), ("weight_decay", weight_decay)):
+        _check_type(fn, name, value)
     lr = _concrete(learning_rate)
-    if lr is not None and not lr > 0:
-        raise ValueError(f"{fn}: learning_rate must be > 0 (or an Optax schedule), got {learning_rate!r}.")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"{fn}: learning_rate must be > 0 and finite (or an Optax schedule), got {learning_rate!r}.")
     b1_, b2_ = _concrete(b1), _concrete(b2)
     for name, value, concrete in (("b1", b1, b1_), ("b2", b2, b2_)):
         if concrete is not None and not 0 <= concrete < 1:
             raise ValueError(f"{fn}: {name} must lie in [0, 1), got {value!r}.")
     eps_ = _concrete(eps)
-    if eps_ is not None and not eps_ >= 0:
-        raise ValueError(f"{fn}: eps must be >= 0, got {eps!r}.")
+    if eps_ is not None and not (eps_ >= 0 and math.isfinite(eps_)):
+        raise ValueError(f"{fn}: eps must be >= 0 and finite, got {eps!r}.")
     wd = _concrete(weight_decay)
-    if wd is not None and not wd >= 0:
-        raise ValueError(f"{fn}: weight_decay must be >= 0, got {weight_decay!r}.")
-    if normalize not in ("sum", "mean"):
+    if wd is not None and not (wd >= 0 and math.isfinite(wd)):
+        raise ValueError(f"{fn}: weight_decay must be >= 0 and finite, got {weight_decay!r}.")
+    if not isinstance(normalize, str) or normalize not in ("sum", "mean"):
         raise ValueError(f"{fn}: normalize must be 'sum' or 'mean', got {normalize!r}.")
+    if wd is not None and wd > 0:
+        if lr is not None and lr * wd > 1:
+            raise ValueError(
+                f"{fn}: learning_rate * weight_decay = {lr * wd:.4g} > 1: the decay factor 1 - eta lambda is "
+                "negative and the parameters grow without bound; the compact-set bound (paper Lemma 26) needs "
+                "0 <= learning_rate * weight_decay <= 1."
+            )
+        if callable(learning_rate):
+            try:
+                lr0 = float(learning_rate(0))
+            except Exception:  # noqa: BLE001 - a schedule that cannot be evaluated here is not checked
+                lr0 = None
+            if lr0 is not None and lr0 * wd > 1:
+                warnings.warn(
+                    f"{fn}: the schedule's learning rate at step 0 times weight_decay is {lr0 * wd:.4g} > 1: "
+                    "while eta_k lambda > 1 the parameters grow (paper Lemma 26 needs eta_k lambda <= 1).",
+                    UserWarning,
+                    stacklevel=3,
+                )
     if b1_ is not None and b2_ is not None and b1_ > 0 and b1_ >= math.sqrt(b2_):
         warnings.warn(
             f"{fn}: b1={b1_!r} >= sqrt(b2)={math.sqrt(b2_)!r}; the Adam direction is then not bounded "
@@ -325,8 +370,10 @@ def adamw(
         ``optax.add_decayed_weights`` and ``optax.scale_by_learning_rate``).
 
     Raises:
+        TypeError: for a hyperparameter that is not a number (``learning_rate``: or a schedule).
         ValueError: for a non-positive constant ``learning_rate``, ``b1`` or ``b2`` outside ``[0, 1)``,
-            negative ``eps`` or negative ``weight_decay``.
+            negative ``eps``, negative ``weight_decay``, or ``learning_rate * weight_decay > 1`` (paper
+            Lemma 26; for a schedule, a ``UserWarning`` if its value at step 0 is such).
 
     Example::
 
@@ -375,8 +422,11 @@ def blockwise_adamw(
         ``optax.add_decayed_weights`` and ``optax.scale_by_learning_rate``).
 
     Raises:
+        TypeError: for a hyperparameter that is not a number (``learning_rate``: or a schedule).
         ValueError: for a non-positive constant ``learning_rate``, ``b1`` or ``b2`` outside ``[0, 1)``,
-            negative ``eps``, negative ``weight_decay`` or unknown ``normalize``.
+            negative ``eps``, negative ``weight_decay``, unknown ``normalize``, or
+            ``learning_rate * weight_decay > 1`` (paper Lemma 26; for a schedule, a ``UserWarning`` if its
+            value at step 0 is such).
 
     Example::
 

@@ -12,6 +12,7 @@ One head is ``theta = (W_Q, W_K, W_V, W_O)``, each ``d x k``; the attention matr
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Literal
 
@@ -20,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
+
+from . import _checks
 
 __all__ = ["Params", "init_params"]
 
@@ -51,15 +54,23 @@ class Params(eqx.Module):
         for name, x in zip(("wq", "wk", "wv", "wo"), leaves):
             if x.ndim != 4:
                 raise ValueError(
-                    f"Params.{name} must have shape (T, P, d, k) (grid, particles, dim, head_dim); "
+                    f"Params: {name} must have shape (T, P, d, k) (grid, particles, dim, head_dim); "
                     f"got shape {tuple(x.shape)}."
                 )
         shapes = {tuple(x.shape) for x in leaves}
         if len(shapes) != 1:
             raise ValueError(
-                "Params leaves must all have the same shape (T, P, d, k); got "
+                "Params: the leaves wq, wk, wv, wo must all have the same shape (T, P, d, k); got "
                 + ", ".join(f"{n}={tuple(x.shape)}" for n, x in zip(("wq", "wk", "wv", "wo"), leaves))
             )
+        shape = tuple(self.wq.shape)
+        if min(shape) < 1:
+            raise ValueError(
+                f"Params: every axis of (T, P, d, k) (depth, heads, dim, head_dim) must be >= 1, got {shape}."
+            )
+        for name, x in zip(("wq", "wk", "wv", "wo"), leaves):
+            if hasattr(x, "dtype") and not jnp.issubdtype(x.dtype, jnp.floating):
+                raise TypeError(f"Params: {name} must be floating point, got dtype {x.dtype}.")
 
     @property
     def depth(self) -> int:
@@ -129,11 +140,25 @@ def init_params(
 
         params = mfattn.init_params(jax.random.key(0), depth=8, heads=4, dim=16, head_dim=16)
     """
+    fn = "init_params"
+    if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,))):
+        raise TypeError(f"{fn}: key must be a PRNG key (jax.random.key(seed)), got {type(key).__name__} {key!r}.")
     for name, value in (("depth", depth), ("heads", heads), ("dim", dim), ("head_dim", head_dim)):
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"init_params: {name} must be a positive integer, got {value!r}.")
-    if not scale >= 0:
-        raise ValueError(f"init_params: scale must be >= 0, got {scale!r}.")
+        _checks.check_int(fn, name, value, minimum=1)
+    _checks.check_choice(fn, "init", init, ("xavier_uniform", "truncated_normal", "mean_noise"))
+    scale = _checks.check_real(fn, "scale", scale, minimum=0)
+    _checks.check_bool(fn, "tie_depth", tie_depth)
+    if dtype is not None:
+        try:
+            dt = jnp.dtype(dtype)
+        except TypeError:
+            dt = None
+        if dt is None or not jnp.issubdtype(dt, jnp.floating):
+            raise TypeError(f"{fn}: dtype must be a floating dtype (e.g. jnp.float32), got {dtype!r}.")
+    if mean is not None and init != "mean_noise":
+        raise ValueError(f"{fn}: mean applies to init='mean_noise' only, got init={init!r}.")
+    if isinstance(mean, (numbers.Real, np.number)) or isinstance(mean, (bool, str)):
+        mean = _checks.check_real(fn, "mean", mean)
     dtype = jnp.zeros((), dtype).dtype if dtype is not None else jnp.zeros(()).dtype
     draw_depth = 1 if tie_depth else depth
     shape = (draw_depth, heads, dim, head_dim)
@@ -153,12 +178,19 @@ def init_params(
             c = 1.0 if mean is None else float(mean)
             means = [c * jnp.eye(dim, head_dim, dtype=dtype)] * 4
         else:
+            if not isinstance(mean, (tuple, list)) or len(mean) != 4:
+                raise ValueError(
+                    f"init_params: mean must be a float or four ({dim}, {head_dim}) arrays (W_Q, W_K, W_V, W_O), "
+                    f"got {type(mean).__name__}."
+                )
             means = [jnp.asarray(m, dtype) for m in mean]
-            if len(means) != 4 or any(m.shape != (dim, head_dim) for m in means):
+            if any(m.shape != (dim, head_dim) for m in means):
                 raise ValueError(
                     f"init_params: mean must be a float or four ({dim}, {head_dim}) arrays "
                     f"(W_Q, W_K, W_V, W_O); got shapes {[tuple(m.shape) for m in means]}."
                 )
+            for m in means:
+                _checks.check_finite("init_params", "mean", m)
         leaves = [m[None, None] + uniform(k) for m, k in zip(means, keys)]
     else:
         raise ValueError(

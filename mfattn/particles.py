@@ -50,7 +50,7 @@ def _pullback(spec: Attention, theta, x, p, weights, beta, radius, step, f=None)
     if spec.residual == "euler":
         return p
     if f is None:
-        f = velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec)
+        f = velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec, check=False)
     y = x + step * f
     norm = jnp.linalg.norm(y, axis=-1, keepdims=True)
     norm = jnp.where(norm > 0, norm, 1)
@@ -61,7 +61,8 @@ def _pullback(spec: Attention, theta, x, p, weights, beta, radius, step, f=None)
 def grad_scale(params: Params, attention: Attention | str | None = None) -> float:
     """``h / H`` with ``h = L^-alpha`` the residual step: ``d ell / d theta_{l,h} = (h / H) g(theta_{l,h}, pi^l)``
     (``1 / (L H)`` for the paper's scaling)."""
-    return as_attention(attention).step(params.depth) / params.heads
+    params = _checks.check_params("grad_scale", params)
+    return as_attention(attention, "grad_scale").step(params.depth) / params.heads
 
 
 @eqx.filter_jit
@@ -69,7 +70,7 @@ def _forward(params, tokens, weights, beta, radius, spec: Attention = SOFTMAX):
     step = spec.step(params.depth)
 
     def layer(x, theta):
-        x = x + step * velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec)
+        x = x + step * velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec, check=False)
         if spec.residual == "sphere":
             x = _normalize(x)
         return x, x
@@ -85,7 +86,7 @@ def _adjoint(params, trajectory, terminal, weights, beta, radius, spec: Attentio
     def layer(p, xs):
         theta, x = xs
         q = _pullback(spec, theta, x, p, weights, beta, radius, step)
-        p = q + step * adjoint_field(theta, x, q, weights, beta=beta, radius=radius, attention=spec)
+        p = q + step * adjoint_field(theta, x, q, weights, beta=beta, radius=radius, attention=spec, check=False)
         return p, p
 
     _, ps = jax.lax.scan(layer, terminal, (params, trajectory[:-1]), reverse=True)
@@ -99,7 +100,7 @@ def _param_grad(params, trajectory, adjoints, weights, beta, radius, spec: Atten
     def one(xs):
         theta, x, p = xs
         q = _pullback(spec, theta, x, p, weights, beta, radius, step)
-        return grad_map(theta, x, q, weights, beta=beta, radius=radius, attention=spec)
+        return grad_map(theta, x, q, weights, beta=beta, radius=radius, attention=spec, check=False)
 
     return jax.lax.map(one, (params, trajectory[:-1], adjoints[1:]))
 
@@ -149,7 +150,7 @@ def _value_and_grad_map_kept(params, tokens, weights, targets, loss, beta, radiu
 
 def _check_loss(fn, loss):
     if not isinstance(loss, Loss):
-        raise ValueError(
+        raise TypeError(
             f"{fn}: loss must be an mfattn.losses.Loss (e.g. TokenRegression(), MMD(), "
             f"AutodiffLoss(fn)), got {type(loss).__name__}."
         )
@@ -185,9 +186,10 @@ def forward(
         traj = mfattn.forward(params, tokens, beta=1.0)            # (9, N, 16)
         batch = jax.vmap(lambda x: mfattn.forward(params, x, beta=1.0))(tokens_batch)
     """
-    spec = as_attention(attention)
+    spec = as_attention(attention, "forward")
     params, tokens, weights, beta, radius = _checks.prepare("forward", params, tokens, weights, beta, radius)
-    return _forward(params, tokens, weights, beta, radius, spec)
+    trajectory = _forward(params, tokens, weights, beta, radius, spec)
+    return _checks.check_dynamics("forward", trajectory, _checks.overflow_reason(spec, beta))
 
 
 def adjoint(
@@ -212,9 +214,11 @@ def adjoint(
         ``(L + 1, N, d)``: ``p^0, ..., p^L`` with ``p^L = terminal``. For a token of weight 0, ``p`` is the
         Lions derivative of the loss (as a function of the input measure) at that token.
     """
-    params, x0, weights, beta, radius = _checks.prepare("adjoint", params, _first(trajectory), weights, beta, radius)
+    spec = as_attention(attention, "adjoint")
+    x0 = _first("adjoint", params, trajectory)
+    params, x0, weights, beta, radius = _checks.prepare("adjoint", params, x0, weights, beta, radius)
     trajectory, terminal = _check_traj("adjoint", params, x0, trajectory, terminal, "terminal", "(N, d)")
-    return _adjoint(params, trajectory, terminal, weights, beta, radius, as_attention(attention))
+    return _adjoint(params, trajectory, terminal, weights, beta, radius, spec)
 
 
 def param_grad(
@@ -234,9 +238,11 @@ def param_grad(
     default (:func:`grad_scale`; :func:`loss_and_grad` returns it). For the normalised residual the
     adjoint in ``pi^l`` is ``p^{l+1}`` pulled back through the normalisation.
     """
-    params, x0, weights, beta, radius = _checks.prepare("param_grad", params, _first(trajectory), weights, beta, radius)
+    spec = as_attention(attention, "param_grad")
+    x0 = _first("param_grad", params, trajectory)
+    params, x0, weights, beta, radius = _checks.prepare("param_grad", params, x0, weights, beta, radius)
     trajectory, adjoints = _check_traj("param_grad", params, x0, trajectory, adjoints, "adjoints", "(L+1, N, d)")
-    return _param_grad(params, trajectory, adjoints, weights, beta, radius, as_attention(attention))
+    return _param_grad(params, trajectory, adjoints, weights, beta, radius, spec)
 
 
 def value_and_grad_map(
@@ -252,9 +258,14 @@ def value_and_grad_map(
 ) -> tuple[Scalar, Params, Float[Array, "N d"]]:
     """Loss value, rescaled gradient map ``g`` (shaped like ``params``) and input adjoint ``p^0``, in one
     forward scan and one fused backward scan (the memory-lean hand path used for training)."""
-    _check_loss("value_and_grad_map", loss)
-    params, tokens, weights, beta, radius = _checks.prepare("value_and_grad_map", params, tokens, weights, beta, radius)
-    return _value_and_grad_map(params, tokens, weights, targets, loss, beta, radius, as_attention(attention))
+    fn = "value_and_grad_map"
+    _check_loss(fn, loss)
+    spec = as_attention(attention, fn)
+    params, tokens, weights, beta, radius = _checks.prepare(fn, params, tokens, weights, beta, radius)
+    targets = loss.check_targets(fn, tokens, targets)
+    value, g, p0 = _value_and_grad_map(params, tokens, weights, targets, loss, beta, radius, spec)
+    value, g = _check_result(fn, value, g, params, tokens, weights, beta, radius, spec)
+    return value, g, p0
 
 
 def loss_and_grad(
@@ -282,16 +293,19 @@ def loss_and_grad(
     Returns:
         ``(value, grads)`` with ``grads`` a :class:`~mfattn.Params` like ``params``.
     """
-    _check_loss("loss_and_grad", loss)
-    params, tokens, weights, beta, radius = _checks.prepare("loss_and_grad", params, tokens, weights, beta, radius)
-    spec = as_attention(attention)
+    fn = "loss_and_grad"
+    _check_loss(fn, loss)
+    _checks.check_choice(fn, "method", method, ("adjoint", "autodiff"))
+    spec = as_attention(attention, fn)
+    params, tokens, weights, beta, radius = _checks.prepare(fn, params, tokens, weights, beta, radius)
+    targets = loss.check_targets(fn, tokens, targets)
     if method == "adjoint":
         value, g, _ = _value_and_grad_map(params, tokens, weights, targets, loss, beta, radius, spec)
         scale = grad_scale(params, spec)
-        return value, jax.tree.map(lambda x: x * scale, g)
-    if method == "autodiff":
-        return _autodiff_loss_and_grad(params, tokens, weights, targets, loss, beta, radius, spec)
-    raise ValueError(f"loss_and_grad: method must be 'adjoint' or 'autodiff', got {method!r}.")
+        g = jax.tree.map(lambda x: x * scale, g)
+    else:
+        value, g = _autodiff_loss_and_grad(params, tokens, weights, targets, loss, beta, radius, spec)
+    return _check_result(fn, value, g, params, tokens, weights, beta, radius, spec)
 
 
 @eqx.filter_jit
@@ -302,17 +316,52 @@ def _autodiff_loss_and_grad(params, tokens, weights, targets, loss, beta, radius
     return jax.value_and_grad(objective)(params)
 
 
-def _first(trajectory):
-    trajectory = jnp.asarray(trajectory)
+def _first(fn, params, trajectory):
+    trajectory = _checks.check_array(fn, "trajectory", trajectory, jnp.shape(trajectory), "(L+1, N, d)")
     if trajectory.ndim != 3:
-        raise ValueError(f"trajectory must have shape (L+1, N, d), got {trajectory.shape}.")
+        raise ValueError(f"{fn}: trajectory must have shape (L+1, N, d), got {trajectory.shape}.")
+    params = _checks.check_params(fn, params)
+    if trajectory.shape[2] != params.dim:
+        raise ValueError(
+            f"{fn}: trajectory has dimension d = {trajectory.shape[2]} but params have d = {params.dim}, "
+            f"got trajectory shape {trajectory.shape}."
+        )
     return trajectory[0]
+
+
+def _check_result(fn, value, grads, params, tokens, weights, beta, radius, spec):
+    """``(value, grads)`` unchanged if finite; otherwise the reason: the forward dynamics overflowed (the layer
+    named), the loss itself, or the backward pass."""
+    bad_value = ~jnp.isfinite(value)
+    bad_grad = ~jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(grads)]))
+    why = _checks.overflow_reason(spec, beta)
+    if _checks.is_traced(bad_value) or _checks.is_traced(bad_grad):
+        value = eqx.error_if(
+            value,
+            bad_value,
+            f"{fn}: the loss is NaN or inf: the dynamics overflowed (mfattn.forward names the layer){why}.",
+        )
+        grads = eqx.error_if(grads, bad_grad, f"{fn}: the gradient is NaN or inf: the backward pass overflowed{why}.")
+        return value, grads
+    if bool(bad_value) or bool(bad_grad):
+        trajectory = _checks.check_dynamics(fn, _forward(params, tokens, weights, beta, radius, spec), why)
+        if bool(bad_value):
+            norm = float(jnp.max(jnp.linalg.norm(trajectory[-1], axis=-1)))
+            raise ValueError(
+                f"{fn}: the loss is NaN or inf although the tokens stayed finite (the largest output token norm is "
+                f"{norm:.3g}: if that is huge, the dynamics overflowed{why}; otherwise check the loss and targets)."
+            )
+        raise ValueError(
+            f"{fn}: the gradient is NaN or inf although the tokens and the loss are finite: the backward pass "
+            f"overflowed{why}."
+        )
+    return value, grads
 
 
 def _check_traj(fn, params, x0, trajectory, other, name, dims):
     shape = (params.depth + 1, *x0.shape)
     trajectory = _checks.check_array(fn, "trajectory", trajectory, shape, "(L+1, N, d)").astype(x0.dtype)
-    trajectory = _checks.check_finite(fn, "trajectory", trajectory)
+    trajectory = _checks.check_finite(fn, "trajectory", trajectory, " (an overflowed forward pass?)")
     other_shape = shape if name == "adjoints" else x0.shape
     other = _checks.check_array(fn, name, other, other_shape, dims).astype(x0.dtype)
     return trajectory, _checks.check_finite(fn, name, other)

@@ -369,7 +369,7 @@ def test_bad_input_raises_clear_errors(no_jaxtyping):
         f(tokens=x0[None])
     with pytest.raises(ValueError, match=r"weights must have shape \(N,\) = \(5,\)"):
         f(weights=m[:4])
-    with pytest.raises(ValueError, match="weights must be finite and >= 0"):
+    with pytest.raises(ValueError, match=r"forward: weights must be >= 0, got weights\[0\] = -0.1"):
         f(weights=m.at[0].set(-0.1))
     with pytest.raises(ValueError, match="weights must sum to 1"):
         f(weights=m * 2)
@@ -381,7 +381,7 @@ def test_bad_input_raises_clear_errors(no_jaxtyping):
         f(params=jax.tree.map(lambda a: a.at[0, 0, 0, 0].set(jnp.inf), params))
     with pytest.raises(ValueError, match="same shape"):
         mfattn.Params(params.wq, params.wk, params.wv, params.wo[:, :, :, :2])
-    with pytest.raises(ValueError, match="must be an mfattn.Params"):
+    with pytest.raises(TypeError, match="forward: params must be an mfattn.Params"):
         mfattn.forward((params.wq, params.wk, params.wv, params.wo), x0, beta=1.0)
     traj = mfattn.forward(params, x0, beta=1.0, weights=m)
     with pytest.raises(ValueError, match="trajectory must have shape"):
