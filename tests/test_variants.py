@@ -254,12 +254,45 @@ def test_tiny_products_without_dots_agree_with_dots(monkeypatch):
         assert rel(u, d) <= 1e-13
 
 
-@pytest.mark.parametrize("name", ["causal-l2", "sigmoid", "sinkhorn-sphere"])
-def test_float32_matches_float64(name):
-    """Float32 trajectories within 1e-5 and gradients within 1e-4 (relative) of float64, as for softmax
-    (test_core): float32's unit roundoff is 6e-8, and these are a few hundred operations deep."""
-    spec = VARIANTS[name]
-    c = Case(depth=3, heads=2, tokens=8, dim=4, head_dim=4, beta=2.0)
+FLOAT32_VARIANTS = {
+    "softmax": Attention(),
+    "l2": Attention("l2"),
+    "sigmoid": Attention("sigmoid", bias=-0.5),
+    "causal-l2": Attention("l2", causal=True),
+    "sinkhorn": Attention("sinkhorn", sinkhorn_iters=6),
+    "sinkhorn-sphere": Attention("sinkhorn", sinkhorn_iters=3, residual="sphere"),
+}
+
+#: Float32 against float64, relative (Frobenius norm; the gradient over all its entries together: per leaf, a
+#: block whose gradient vanishes -- W_Q, W_K of a saturated Sinkhorn kernel at beta = 1e4 -- has no meaningful
+#: relative error), ``(name, beta) -> (trajectory, gradient)`` for L = 3, H = 2, N = 8, d = k = 4 with padding.
+#: Each bound is about 3 to 5 times the worst of seeds 0, 1, 2 measured (in brackets). The error grows with
+#: beta: scores are beta-times magnified, so float32's rounding of them (6e-8 relative) is too.
+FLOAT32_TOL = {
+    ("softmax", 2.0): (1e-6, 5e-6),  # (8.0e-8, 3.7e-7)
+    ("softmax", 50.0): (1e-6, 1e-5),  # (1.4e-7, 2.9e-6)
+    ("l2", 2.0): (1e-6, 5e-6),  # (7.4e-8, 1.4e-6)
+    ("l2", 50.0): (2e-6, 1e-4),  # (3.6e-7, 3.0e-5)
+    ("sigmoid", 2.0): (1e-6, 5e-6),  # (4.6e-8, 2.0e-7)
+    ("sigmoid", 50.0): (1e-6, 5e-5),  # (8.4e-8, 8.2e-6)
+    ("causal-l2", 2.0): (1e-6, 5e-6),  # (9.2e-8, 6.5e-7)
+    ("causal-l2", 50.0): (1e-6, 5e-6),  # (1.8e-7, 8.1e-7)
+    ("sinkhorn", 2.0): (1e-6, 1e-5),  # (2.4e-7, 2.2e-6)
+    ("sinkhorn", 50.0): (5e-5, 5e-3),  # (1.1e-5, 1.8e-3)
+    ("sinkhorn", 1e4): (5e-3, 2e-2),  # (1.2e-3, 3.7e-3)
+    ("sinkhorn-sphere", 2.0): (1e-6, 5e-6),  # (5.6e-8, 1.8e-7)
+    ("sinkhorn-sphere", 50.0): (1e-6, 1e-5),  # (2.5e-7, 2.7e-6)
+    ("sinkhorn-sphere", 1e4): (2e-4, 2e-3),  # (5.8e-5, 3.7e-4)
+}
+
+
+@pytest.mark.parametrize("name, beta", list(FLOAT32_TOL), ids=lambda v: str(v))
+def test_float32_matches_float64(name, beta):
+    """Float32 trajectories and gradients within the per-kind, per-beta relative tolerance of float64
+    (:data:`FLOAT32_TOL`): 1e-6 and 5e-6 at beta = 2 for every kind, up to 1e-4 (l2) at beta = 50 and 2e-2
+    (Sinkhorn) at beta = 1e4."""
+    spec = FLOAT32_VARIANTS[name]
+    c = Case(depth=3, heads=2, tokens=8, dim=4, head_dim=4, beta=beta)
     params, x0, m, targets = instance(c, spec)
     loss = TokenRegression()
     out = {}
@@ -270,6 +303,7 @@ def test_float32_matches_float64(name):
         _, g = mfattn.loss_and_grad(cast(params), cast(x0), loss, targets=cast(targets), **kw)
         assert traj.dtype == dtype and g.wq.dtype == dtype
         out[dtype] = (traj, g)
-    assert rel(out[jnp.float32][0], out[jnp.float64][0]) <= 1e-5
-    for a, b in zip(jax.tree.leaves(out[jnp.float32][1]), jax.tree.leaves(out[jnp.float64][1])):
-        assert rel(a, b) <= 1e-4
+    flat = lambda t: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])  # noqa: E731
+    traj_tol, grad_tol = FLOAT32_TOL[name, beta]
+    assert rel(out[jnp.float32][0], out[jnp.float64][0]) <= traj_tol
+    assert rel(flat(out[jnp.float32][1]), flat(out[jnp.float64][1])) <= grad_tol
