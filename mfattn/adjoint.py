@@ -41,42 +41,22 @@ one layer (:func:`_autodiff_backward`). ``Attention(chunk=C)`` runs the rows in 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float
 
 from . import _checks
 from .attention import (
     Attention,
-    ParticleMajor,
     _causal_allowed,
     _exp_cap,
     _matmul,
     _scores,
     as_attention,
-    from_particle_major,
-    kernel_strategy,
-    lane_kernel,
-    lane_pmean_out,
-    lane_where,
-    lanes,
-    materialize,
     over_heads,
-    over_particle_blocks,
-    particle_block,
-    particle_kernel,
-    particle_matmul,
-    particle_project,
     project_ball,
     project_ball_vjp,
-    shared_lanes,
-    to_particle_major,
-    unlanes,
-    unrolled_sum,
-    use_lanes,
     velocity,
 )
 
@@ -216,125 +196,11 @@ def _backward_rows(spec, wq, wo, rows, kk, v, weights, beta, mm, cache=None):
     return acc, {"delta_k": delta_k}
 
 
-def _backward_particles(spec, pm: ParticleMajor, tokens, keys, weights, adjoints, beta, *, field, grad):
-    """The particle-major backward pass (see :mod:`mfattn.attention`'s particle-major kernels): the same
-    formulas as :func:`_head_backward` with a trailing particle axis, every tiny contraction an unrolled
-    broadcast sum. Returns the particle means of ``term1``, ``term2`` (``(N, d)``) and the gradient maps
-    (``(d, k, P)`` leaves)."""
-    n, p = tokens.shape[0], pm.wq.shape[-1]
-    m3 = weights[None, :, None]
-    rows_live = (weights > 0)[:, None, None]
-    mr = jnp.where(rows_live, weights[:, None, None], 0)  # (N, 1, 1): masses of live rows (and keys)
-    swap = lambda a: jnp.swapaxes(a, 0, 1)  # noqa: E731
-
-    def block(b):
-        q, kk, v = particle_project(tokens, b.wq), particle_project(keys, b.wk), particle_project(keys, b.wv)
-        u, rz = particle_kernel(spec, q, kk, weights, beta)  # (N, N, B), (N, 1, B)
-        vbar = particle_matmul(u * m3, v) * rz  # (N, k, B): W_V^T ybar_i
-        a = particle_project(adjoints, b.wo)  # (N, k, B): W_O^T p_i
-        e = unrolled_sum(a[:, None, :, :] * v[None, :, :, :], 2)  # (N, N, B): <a_i, W_V^T x_j>
-        if spec.normalized:
-            shifted = e - unrolled_sum(a * vbar, 1, keepdims=True)
-            ud = u * (shifted - unrolled_sum(u * shifted * m3, 1, keepdims=True) * rz)
-        elif spec.kind == "unnormalized":
-            ud = u * e
-        else:
-            ud = (u * (1 - u)) * e
-        delta_k = particle_matmul(ud * m3, kk) * rz  # (N, k, B)
-        udl = jnp.where(rows_live, ud, 0)  # dead query rows masked with where: nothing leaks from them
-        ut_ma = particle_matmul(swap(u), jnp.where(rows_live, mr * a, 0) * rz)  # (N, k, B)
-        key_term = particle_matmul(swap(udl), jnp.where(rows_live, mr * q, 0) * rz)
-        if spec.kind == "l2":
-            key_term = key_term - swap(unrolled_sum(udl * (mr * rz), 0, keepdims=True)) * kk
-        summed, per = {}, {}
-        if field:
-            summed["term1"] = beta * jnp.einsum("icp,ecp->ie", delta_k, b.wq)
-            summed["term2"] = jnp.einsum("icp,ecp->ie", ut_ma, b.wv) + beta * jnp.einsum("icp,ecp->ie", key_term, b.wk)
-        if grad:
-            xt, kt = tokens.T[:, :, None], keys.T[:, :, None]
-            per["grad"] = (
-                beta * particle_matmul(xt, mr * delta_k),  # dW_Q (d, k, B)
-                beta * particle_matmul(kt, mr * key_term),  # dW_K
-                particle_matmul(kt, mr * ut_ma),  # dW_V
-                particle_matmul(jnp.where(rows_live[:, :, 0], mr[:, :, 0] * adjoints, 0).T[:, :, None], vbar),  # dW_O
-            )
-        return summed, per
-
-    summed, per = over_particle_blocks(block, pm, particle_block(p, n, n))
-    summed = jax.tree.map(lambda a: a / p, summed)
-    return summed, per
-
-
-def _backward_lanes(spec, pm: ParticleMajor, tokens, keys, weights, adjoints, beta, *, field, grad):
-    """:func:`_backward_particles` on lanes (object arrays of ``(P,)`` particle rows; see
-    :func:`mfattn.attention.use_lanes`): the same formulas, every operation a 1-D loop over the particles."""
-    p = pm.wq.shape[-1]
-    wq, wk, wv, wo = (lanes(a) for a in pm)
-    x, xk, pa, m = shared_lanes(tokens), shared_lanes(keys), shared_lanes(adjoints), shared_lanes(weights)
-    live = weights > 0
-    live_l = shared_lanes(live)
-    mr = shared_lanes(jnp.where(live, weights, 0))[:, None]  # (N, 1): masses of live rows (and keys)
-    proj = lambda a, w: np.sum(a[:, :, None] * w[None, :, :], axis=1)  # noqa: E731  (N, d) x (d, k) lanes
-    mmul = lambda a, b: np.sum(a[:, :, None] * b[None, :, :], axis=1)  # noqa: E731
-    q, kk, v, a = materialize(proj(x, wq), proj(xk, wk), proj(xk, wv), proj(pa, wo))
-    u, rz = materialize(*lane_kernel(spec, q, kk, m, beta, live_l))
-    vbar = materialize(mmul(u * m[None, :], v) * rz)
-    e = np.sum(a[:, None, :] * v[None, :, :], axis=2)  # (N, N)
-    if spec.normalized:
-        shifted = e - np.sum(a * vbar, axis=1, keepdims=True)
-        ud = u * (shifted - np.sum(u * shifted * m[None, :], axis=1, keepdims=True) * rz)
-    elif spec.kind == "unnormalized":
-        ud = u * e
-    else:
-        ud = (u * (1 - u)) * e
-    ud = materialize(ud)
-    delta_k = mmul(ud * m[None, :], kk) * rz
-    rows_live = live_l[:, None]
-    where = lambda c, a: lane_where(np.broadcast_to(c, a.shape), a, 0)  # noqa: E731
-    udl = where(rows_live, ud)  # dead query rows masked with where: nothing leaks from them
-    ut_ma = mmul(u.T, where(rows_live, mr * a) * rz)
-    key_term = mmul(udl.T, where(rows_live, mr * q) * rz)
-    if spec.kind == "l2":
-        key_term = key_term - np.sum(udl * (mr * rz), axis=0)[:, None] * kk
-    delta_k, ut_ma, key_term = materialize(delta_k, ut_ma, key_term)
-    summed, per = {}, {}
-    if field:
-        summed["term1"] = beta * lane_pmean_out(delta_k, wq) / p
-        summed["term2"] = (lane_pmean_out(ut_ma, wv) + beta * lane_pmean_out(key_term, wk)) / p
-    if grad:
-        grads = (
-            beta * mmul(x.T, mr * delta_k),  # dW_Q (d, k)
-            beta * mmul(xk.T, mr * key_term),  # dW_K
-            mmul(xk.T, mr * ut_ma),  # dW_V
-            mmul(where(rows_live, mr * pa).T, vbar),  # dW_O
-        )
-        per["grad"] = tuple(unlanes(g, p) for g in grads)
-    return summed, per
-
-
 def _backward(theta, tokens, adjoints, weights, beta, radius, *, field, grad, attention=None, cache=None):
     spec = as_attention(attention)
-    pm = isinstance(theta, ParticleMajor)
-    d, k, p = theta.wq.shape[-3:] if pm else (*theta.wq.shape[-2:], theta.wq.shape[-3])
-    beta = beta * spec.scale(k)
-    strategy = "heads" if cache is not None else kernel_strategy(spec, p, tokens.shape[0], d, k)
-    if strategy == "particles":
-        keys = project_ball(tokens, radius)
-        fn = _backward_lanes if use_lanes(tokens.shape[0], tokens.shape[0], d, k) else _backward_particles
-        out, per = fn(spec, to_particle_major(theta), tokens, keys, weights, adjoints, beta, field=field, grad=grad)
-        g_field = out["term1"] + project_ball_vjp(tokens, out["term2"], radius) if field else None
-        g_map = None
-        if grad:
-            leaves = per["grad"]
-            g_map = ParticleMajor(*leaves) if pm else _like(theta, *from_particle_major(ParticleMajor(*leaves)))
-        return g_field, g_map
-    if pm:  # a layout the per-head kernels do not take: back to (P, d, k)
-        theta = _Heads(*from_particle_major(theta))
+    beta = beta * spec.scale(theta.wq.shape[-1])
     if spec.kind == "sinkhorn":
-        g_field, g_map = _autodiff_backward(
-            spec, theta, tokens, adjoints, weights, beta, radius, field=field, grad=grad
-        )
-        return g_field, (to_particle_major(g_map) if pm and grad else g_map)
+        return _autodiff_backward(spec, theta, tokens, adjoints, weights, beta, radius, field=field, grad=grad)
     keys = project_ball(tokens, radius)
     per_head = over_heads(
         lambda wq, wk, wv, wo, c: _head_backward(
@@ -342,7 +208,6 @@ def _backward(theta, tokens, adjoints, weights, beta, radius, *, field, grad, at
         ),
         (theta.wq, theta.wk, theta.wv, theta.wo, cache),
         tokens.shape[0],
-        strategy,
     )
     g_field = None
     if field:
@@ -352,8 +217,6 @@ def _backward(theta, tokens, adjoints, weights, beta, radius, *, field, grad, at
     if grad:
         dq, dk, dv, do = per_head["grad"]
         g_map = _like(theta, dq, dk, dv, do)
-        if pm:
-            g_map = to_particle_major(g_map)
     return g_field, g_map
 
 
@@ -396,15 +259,6 @@ def _autodiff_backward(spec, theta, tokens, adjoints, weights, beta, radius, *, 
         g = vjp_t(mp)[0]
         g_map = _like(theta, *(heads * x for x in (g.wq, g.wk, g.wv, g.wo)))
     return g_field, g_map
-
-
-class _Heads(NamedTuple):
-    """Plain ``(P, d, k)`` leaves (a particle-major input converted back for the per-head kernels)."""
-
-    wq: Array
-    wk: Array
-    wv: Array
-    wo: Array
 
 
 def _like(theta, wq, wk, wv, wo):

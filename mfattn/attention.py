@@ -44,26 +44,6 @@ __all__ = [
     "project_ball_vjp",
     "log_weights",
     "sinkhorn_potentials",
-    "ParticleMajor",
-    "to_particle_major",
-    "from_particle_major",
-    "kernel_strategy",
-    "particle_kernel",
-    "particle_kernels_support",
-    "particle_matmul",
-    "particle_project",
-    "over_particle_blocks",
-    "particle_block",
-    "unrolled_sum",
-    "unrolled_max",
-    "use_lanes",
-    "lanes",
-    "shared_lanes",
-    "unlanes",
-    "lane_kernel",
-    "lane_where",
-    "lane_pmean_out",
-    "materialize",
 ]
 
 
@@ -97,7 +77,6 @@ def project_ball_vjp(tokens: Float[Array, "N d"], cotangent: Float[Array, "N d"]
 
 Kind = Literal["softmax", "unnormalized", "l2", "sigmoid", "sinkhorn"]
 KINDS = ("softmax", "unnormalized", "l2", "sigmoid", "sinkhorn")
-KERNELS = ("auto", "heads", "sequential", "particles")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,10 +126,6 @@ class Attention:
             backward) are cast to this dtype and accumulated in the input dtype, while the softmax
             statistics (shift, exponentials, normalising sums, the centring of the backward pass) stay in
             the input dtype. For accelerators with fast low-precision matrix units; on a CPU it is slower.
-        kernel: the loop strategy of one layer's kernels over its heads or parameter particles (same numbers up
-            to rounding): ``"auto"`` (default, chosen by size, see :func:`kernel_strategy`), ``"heads"``
-            (``vmap`` over heads), ``"sequential"`` (``lax.map`` over heads) or ``"particles"`` (the
-            particle-major fused kernels for many particles, few tokens and small ``d, k``: the limit's sizes).
 
     Pass an ``Attention`` (or just the kind as a string) as ``attention=`` to any entry point::
 
@@ -168,7 +143,6 @@ class Attention:
     matmul_dtype: str | None = None
     chunk: int | None = None
     remat: bool = True
-    kernel: Literal["auto", "heads", "sequential", "particles"] = "auto"
 
     def __post_init__(self):
         _checks.check_choice("Attention", "kind", self.kind, KINDS)
@@ -219,8 +193,6 @@ class Attention:
             raise ValueError(
                 "Attention: remat=False (keep the forward's attention) needs a closed-form kind and no chunk."
             )
-        if self.kernel not in KERNELS:
-            raise ValueError(f"Attention: kernel must be one of {KERNELS}, got {self.kernel!r}.")
         if not (isinstance(self.sinkhorn_iters, int) and self.sinkhorn_iters >= 1):
             raise ValueError(f"Attention: sinkhorn_iters must be a positive integer, got {self.sinkhorn_iters!r}.")
 
@@ -254,13 +226,10 @@ SOFTMAX = Attention()
 SEQUENTIAL_HEADS_FROM = 128
 
 
-def over_heads(fn, heads, n_tokens: int, strategy: str | None = None):
+def over_heads(fn, heads, n_tokens: int):
     """``fn`` applied to every head of ``heads`` (a pytree with a leading head axis), results stacked:
-    ``strategy="sequential"`` is ``lax.map``, ``"heads"`` is ``jax.vmap``; ``None``: ``jax.vmap`` on accelerators
-    and for small ``N``, ``lax.map`` on CPU for ``N >= SEQUENTIAL_HEADS_FROM``."""
-    if strategy is None:
-        strategy = "sequential" if jax.default_backend() == "cpu" and n_tokens >= SEQUENTIAL_HEADS_FROM else "heads"
-    if strategy == "sequential":
+    ``jax.vmap`` on accelerators and for small ``N``, ``lax.map`` on CPU for ``N >= SEQUENTIAL_HEADS_FROM``."""
+    if jax.default_backend() == "cpu" and n_tokens >= SEQUENTIAL_HEADS_FROM:
         return jax.lax.map(lambda h: fn(*h), heads)
     return jax.vmap(fn)(*heads)
 
@@ -437,8 +406,7 @@ def velocity(
 
     Args:
         theta: one layer's parameters (a :class:`~mfattn.Params`-like pytree ``wq, wk, wv, wo`` with
-            leaves ``(P, d, k)``): the heads, or the parameter particles of ``nu``; or a
-            :class:`ParticleMajor` (leaves ``(d, k, P)``).
+            leaves ``(P, d, k)``): the heads, or the parameter particles of ``nu``.
         queries: ``(Nq, d)`` points ``x`` at which ``F`` is evaluated (``Nq = N``, the tokens in order,
             for causal attention).
         tokens: ``(N, d)`` atoms ``x_j`` of ``mu``.
@@ -463,20 +431,11 @@ def velocity(
             f"N = {tokens.shape[0]}."
         )
     keys = project_ball(tokens, radius)
-    pm = isinstance(theta, ParticleMajor)
-    d, k, p = theta.wq.shape[-3:] if pm else (*theta.wq.shape[-2:], theta.wq.shape[-3])
-    beta = beta * spec.scale(k)
-    n = max(queries.shape[0], tokens.shape[0])
-    strategy = kernel_strategy(spec, p, n, d, k)
-    if strategy == "particles":
-        fn = _velocity_lanes if use_lanes(queries.shape[0], tokens.shape[0], d, k) else _velocity_particles
-        return fn(spec, to_particle_major(theta), queries, keys, weights, beta)
-    heads = from_particle_major(theta) if pm else (theta.wq, theta.wk, theta.wv, theta.wo)
+    beta = beta * spec.scale(theta.wq.shape[-1])
     heads = over_heads(
         lambda wq, wk, wv, wo: _head_forward(spec, wq, wk, wv, wo, queries, tokens, keys, weights, beta),
-        heads,
-        n,
-        strategy,
+        (theta.wq, theta.wk, theta.wv, theta.wo),
+        max(queries.shape[0], tokens.shape[0]),
     )
     return jnp.mean(heads, axis=0)
 
@@ -525,316 +484,3 @@ class _Head(NamedTuple):
     wk: Array
     wv: Array
     wo: Array
-
-
-# --------------------------------------------------------------------------- particle-major kernels (issue 13)
-#
-# The mean-field limit evaluates one layer with very many parameter particles ``P`` (1024 .. 131072) on few
-# tokens (N = 4..16) of small dimension (d = k = 2..4). Vectorising the per-head code over ``P`` leaves XLA
-# with ``P`` tiny GEMMs (or, with TINY_PRODUCT, with loops over the head axis in the major position). Here the
-# parameters are stored *particle-major* -- every leaf ``(d, k, P)``, the particle axis minor (the SIMD lane
-# axis) -- and every tiny contraction is a broadcast product summed over a non-minor axis, so that each
-# stage is one fused, vectorised loop over the particles. Only the mean over particles of the output
-# projection, ``sum_{c, p} vbar[i, c, p] W_O[e, c, p]``, is a real (``(Nq, k P) x (k P, d)``) matrix product.
-
-#: ``kernel="auto"`` uses the particle-major kernels from this many heads/particles on ...
-PARTICLES_FROM = 32
-#: ... when the number of tokens (queries and atoms) is at most this ...
-PARTICLE_TOKENS_UP_TO = 32
-#: ... and ``d``, ``k`` are at most this (their contractions are unrolled broadcast sums).
-PARTICLE_DIM_UP_TO = 16
-#: The particle-major kernels run in blocks of particles (a ``lax.map``) so that one block's ``Nq x N x B``
-#: arrays stay near this many elements (cache-sized); a block is at least 1024 particles.
-PARTICLE_BLOCK_ELEMENTS = 2**20
-
-
-class ParticleMajor(NamedTuple):
-    """Parameter particles (or heads) stored particle-major: leaves ``(..., d, k, P)``, the particle axis last.
-
-    :func:`velocity`, :func:`mfattn.adjoint_field` and :func:`mfattn.grad_map` accept it in place of a
-    ``(P, d, k)`` pytree and then skip the layout change; the limit's solves convert the ensemble once
-    per solve (:func:`to_particle_major`)."""
-
-    wq: Array
-    wk: Array
-    wv: Array
-    wo: Array
-
-
-def to_particle_major(theta) -> ParticleMajor:
-    """``(..., P, d, k)`` leaves ``wq, wk, wv, wo`` -> :class:`ParticleMajor` ``(..., d, k, P)`` (unchanged if
-    already particle-major)."""
-    if isinstance(theta, ParticleMajor):
-        return theta
-    return ParticleMajor(*(jnp.moveaxis(a, -3, -1) for a in (theta.wq, theta.wk, theta.wv, theta.wo)))
-
-
-def from_particle_major(pm: ParticleMajor) -> tuple:
-    """The leaves ``(wq, wk, wv, wo)`` of a :class:`ParticleMajor`, back to ``(..., P, d, k)``."""
-    return tuple(jnp.moveaxis(a, -1, -3) for a in (pm.wq, pm.wk, pm.wv, pm.wo))
-
-
-def particle_kernels_support(spec: Attention) -> bool:
-    """Whether the particle-major kernels implement ``spec`` (every closed-form kind, causal or not, without
-    ``chunk`` or ``matmul_dtype``; Sinkhorn and those options use the per-head kernels)."""
-    return spec.kind != "sinkhorn" and spec.chunk is None and spec.matmul_dtype is None
-
-
-def kernel_strategy(spec: Attention, particles: int, n_tokens: int, dim: int, head_dim: int) -> str:
-    """The loop strategy of one layer's kernels (velocity, adjoint field, gradient map): ``spec.kernel``
-    unless it is ``"auto"``, then by size:
-
-    * ``"particles"`` -- the particle-major fused kernels, for many particles (``P >= PARTICLES_FROM``), few
-      tokens (``N <= PARTICLE_TOKENS_UP_TO``) and small ``d, k`` (``<= PARTICLE_DIM_UP_TO``): the limit's
-      sizes. At ``M = 32768``, ``N = 4``, ``d = k = 2`` on the 2-core CPU the velocity is about 10x faster
-      than vectorised heads (``benchmarks/limit_kernels.py``).
-    * ``"sequential"`` -- heads one after the other (``lax.map``) on CPU from ``SEQUENTIAL_HEADS_FROM`` tokens
-      on (XLA:CPU runs one 2-D product multi-threaded, batched ones poorly);
-    * ``"heads"`` -- ``jax.vmap`` over heads otherwise (the discrete model on accelerators, small problems).
-
-    A forced ``"particles"`` falls back to ``"heads"`` where :func:`particle_kernels_support` is false.
-    """
-    if spec.kernel != "auto":
-        if spec.kernel == "particles" and not particle_kernels_support(spec):
-            return "heads"
-        return spec.kernel
-    if (
-        particle_kernels_support(spec)
-        and particles >= PARTICLES_FROM
-        and n_tokens <= PARTICLE_TOKENS_UP_TO
-        and max(dim, head_dim) <= PARTICLE_DIM_UP_TO
-    ):
-        return "particles"
-    if jax.default_backend() == "cpu" and n_tokens >= SEQUENTIAL_HEADS_FROM:
-        return "sequential"
-    return "heads"
-
-
-def unrolled_sum(x, axis: int, keepdims: bool = False):
-    """``jnp.sum`` over a short non-minor axis, unrolled into elementwise adds (XLA:CPU's reductions over a
-    non-minor axis are scalar loops; elementwise adds of slices fuse into one vectorised loop)."""
-    parts = [jax.lax.index_in_dim(x, i, axis, keepdims=keepdims) for i in range(x.shape[axis])]
-    out = parts[0]
-    for q in parts[1:]:
-        out = out + q
-    return out
-
-
-def unrolled_max(x, axis: int, keepdims: bool = False):
-    """``jnp.max`` over a short non-minor axis, unrolled (see :func:`unrolled_sum`)."""
-    parts = [jax.lax.index_in_dim(x, i, axis, keepdims=keepdims) for i in range(x.shape[axis])]
-    out = parts[0]
-    for q in parts[1:]:
-        out = jnp.maximum(out, q)
-    return out
-
-
-def particle_matmul(a, b):
-    """Batched over the trailing (particle) axis: ``a (I, J, P|1) x b (J, K, P|1) -> (I, K, P)`` as a sum of
-    ``J`` broadcast outer products (one fused elementwise loop with the particles minor; no dot)."""
-    return unrolled_sum(a[:, :, None, :] * b[None, :, :, :], 1)
-
-
-def particle_kernel(spec: Attention, q, kk, weights, beta, rows=None):
-    """The attention kernel of every particle in particle-major form, shared by the forward and backward passes.
-
-    Args:
-        q: ``(Nq, k, P)`` projected queries; kk: ``(N, k, P)`` projected keys; weights: ``(N,)`` masses;
-        beta: the effective inverse temperature (logit scale included); rows: ``(Nq,)`` query indices (causal).
-
-    Returns:
-        ``(u, rz)``: ``u (Nq, N, P)`` and ``rz (Nq, 1, P)`` with the weights ``w_ij = u_ij m_j rz_i``
-        (``rz = 1 / sum_j u_ij m_j`` for the normalised kinds, with the shift by the top live score, else 1).
-        A zero-weight key's exponent is capped so ``u`` stays finite.
-    """
-    live = (weights > 0)[None, :, None]
-    s = beta * unrolled_sum(q[:, None, :, :] * kk[None, :, :, :], 2)  # (Nq, N, P)
-    if spec.kind == "l2":
-        s = s - (0.5 * beta) * unrolled_sum(kk * kk, 1)[None, :, :]
-    causal = None
-    if spec.causal:
-        idx = jnp.arange(q.shape[0]) if rows is None else rows
-        causal = _causal_allowed(idx, kk.shape[0])[:, :, None]
-    cap = _exp_cap(s.dtype)
-    if spec.normalized:
-        allowed = live if causal is None else live & causal
-        top = unrolled_max(jnp.where(allowed, s, -jnp.inf), 1, keepdims=True)
-        top = jnp.where(jnp.isfinite(top), top, 0)
-        u = jnp.exp(jnp.minimum(s - top, cap))
-    elif spec.kind == "unnormalized":
-        u = jnp.exp(jnp.where(live, s, jnp.minimum(s, cap)))
-    else:  # sigmoid
-        u = jax.nn.sigmoid(s + spec.bias)
-    if causal is not None:
-        u = jnp.where(causal, u, 0)
-    if spec.normalized:
-        z = unrolled_sum(u * weights[None, :, None], 1, keepdims=True)
-        rz = jnp.where(z > 0, 1 / jnp.where(z > 0, z, 1), 0)
-    else:
-        rz = jnp.ones((q.shape[0], 1, q.shape[-1]), u.dtype)
-    return u, rz
-
-
-def particle_project(x, w):
-    """``x (N, d)`` (shared by the particles) times ``w (d, k, P)`` -> ``(N, k, P)``."""
-    return particle_matmul(x[:, :, None], w)
-
-
-def particle_block(particles: int, rows: int, cols: int) -> int:
-    """Particles per block of the particle-major kernels (see :data:`PARTICLE_BLOCK_ELEMENTS`)."""
-    block = max(1024, PARTICLE_BLOCK_ELEMENTS // max(1, rows * cols))
-    return particles if block >= particles else block
-
-
-def over_particle_blocks(fn, pm: ParticleMajor, block: int, extra=()):
-    """``fn(pm_block, *extra_block) -> (summed, per_particle)`` over blocks of ``block`` particles (zero
-    particles pad the last block): the ``summed`` outputs are added over blocks, the ``per_particle`` ones
-    (trailing particle axis) concatenated and trimmed. One block: ``fn`` on everything."""
-    p = pm.wq.shape[-1]
-    if block >= p:
-        return fn(pm, *extra)
-    nb = -(-p // block)
-    pad = nb * block - p
-
-    def split(a):
-        a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
-        return jnp.moveaxis(a.reshape(*a.shape[:-1], nb, block), -2, 0)
-
-    summed, per = jax.lax.map(lambda b: fn(*b), jax.tree.map(split, (pm, *extra)))
-    summed = jax.tree.map(lambda a: jnp.sum(a, axis=0), summed)
-    per = jax.tree.map(lambda a: jnp.moveaxis(a, 0, -2).reshape(*a.shape[1:-1], nb * block)[..., :p], per)
-    return summed, per
-
-
-def _velocity_particles(spec, pm: ParticleMajor, queries, keys, weights, beta):
-    """The particle-major velocity: ``(Nq, d)``, the mean over the ``P`` particles."""
-    p = pm.wq.shape[-1]
-    m = weights[None, :, None]
-
-    def block(b):
-        kk, v = particle_project(keys, b.wk), particle_project(keys, b.wv)
-        u, rz = particle_kernel(spec, particle_project(queries, b.wq), kk, weights, beta)
-        vbar = particle_matmul(u * m, v) * rz  # (Nq, k, B)
-        return jnp.einsum("icp,ecp->ie", vbar, b.wo), ()
-
-    out, _ = over_particle_blocks(block, pm, particle_block(p, queries.shape[0], keys.shape[0]))
-    return out / p
-
-
-# Lanes: for the smallest sizes (the rates experiment's N = 4, d = k = 2) every per-particle quantity is a NumPy
-# object array (the token / head-dimension indices) of ``(P,)`` JAX arrays (the particles), so that every
-# operation is a 1-D elementwise loop over the particles, which XLA:CPU vectorises fully (the ``(Nq, N, P)``
-# arrays' index arithmetic costs it about 2x). The traced graph grows like ``N^2 max(d, k)``: used up to
-# :data:`LANES_UP_TO`.
-
-#: The particle-major kernels use lanes while ``N^2 max(d, k)`` (the largest unrolled contraction) is at most this.
-LANES_UP_TO = 128
-
-_lane_exp = np.frompyfunc(jnp.exp, 1, 1)
-_lane_max = np.frompyfunc(jnp.maximum, 2, 1)
-_lane_min = np.frompyfunc(jnp.minimum, 2, 1)
-lane_where = np.frompyfunc(jnp.where, 3, 1)
-_lane_isfinite = np.frompyfunc(jnp.isfinite, 1, 1)
-_lane_sigmoid = np.frompyfunc(jax.nn.sigmoid, 1, 1)
-_lane_positive = np.frompyfunc(lambda a: a > 0, 1, 1)
-
-
-def use_lanes(n_queries: int, n_tokens: int, dim: int, head_dim: int) -> bool:
-    """Whether the particle-major kernels run on lanes (see :data:`LANES_UP_TO`)."""
-    return n_queries * n_tokens * max(dim, head_dim) <= LANES_UP_TO
-
-
-def lanes(a) -> np.ndarray:
-    """A JAX array ``(..., P)`` -> object array of shape ``(...)`` of its ``(P,)`` rows; a particle-shared
-    array (no particle axis) -> object array of its 0-d elements (``shared=True`` semantics: pass it through
-    :func:`shared_lanes`)."""
-    out = np.empty(a.shape[:-1], dtype=object)
-    for idx in np.ndindex(*a.shape[:-1]):
-        out[idx] = a[idx]
-    return out
-
-
-def shared_lanes(a) -> np.ndarray:
-    """A particle-shared JAX array -> object array of its 0-d elements (they broadcast against lanes)."""
-    out = np.empty(a.shape, dtype=object)
-    for idx in np.ndindex(*a.shape):
-        out[idx] = a[idx]
-    return out
-
-
-def unlanes(obj: np.ndarray, particles: int):
-    """Object array of ``(P,)`` (or 0-d) arrays -> JAX array ``(*obj.shape, P)``, written row by row (in-place
-    dynamic-update-slice fusions, each a vectorised loop): XLA:CPU would fuse every lane's computation into a
-    ``jnp.stack``'s concatenation, whose per-element branch does not vectorise (measured 10x slower)."""
-    flat = obj.reshape(-1)
-    x0 = jnp.asarray(flat[0])
-    out = jnp.zeros((flat.shape[0], particles), x0.dtype)
-    for i, x in enumerate(flat):
-        out = out.at[i].set(jnp.broadcast_to(x, (particles,)))
-    return out.reshape(*obj.shape, particles)
-
-
-def materialize(*objs):
-    """The lanes of the object arrays ``objs``, each computed once and stored (an optimisation barrier): without
-    it XLA fuses a lane's whole computation (scores, exponentials) into every consumer and recomputes it there."""
-    flat = [o.reshape(-1).tolist() for o in objs]
-    out = jax.lax.optimization_barrier(flat)
-    res = []
-    for o, f in zip(objs, out):
-        a = np.empty(len(f), dtype=object)
-        for i, x in enumerate(f):
-            a[i] = x
-        res.append(a.reshape(o.shape))
-    return res if len(res) > 1 else res[0]
-
-
-def lane_kernel(spec: Attention, q, kk, weights, beta, live):
-    """:func:`particle_kernel` on lanes: ``q`` ``(Nq, k)``, ``kk`` ``(N, k)`` object arrays, ``weights``/``live``
-    ``(N,)`` shared lanes. Returns ``(u (Nq, N), rz (Nq, 1))`` object arrays."""
-    s = beta * np.sum(q[:, None, :] * kk[None, :, :], axis=2)
-    if spec.kind == "l2":
-        s = s - (0.5 * beta) * np.sum(kk * kk, axis=1)[None, :]
-    nq, n = s.shape
-    causal = np.arange(n)[None, :] <= np.arange(nq)[:, None] if spec.causal else None  # static
-    cap = _exp_cap(jnp.result_type(s.reshape(-1)[0]))
-    live2 = np.broadcast_to(live[None, :], s.shape)
-    if spec.normalized:
-        allowed = live2 if causal is None else lane_where(causal, live2, False)
-        top = lane_where(allowed[:, 0], s[:, 0], -jnp.inf)
-        for j in range(1, n):
-            top = _lane_max(top, lane_where(allowed[:, j], s[:, j], -jnp.inf))
-        top = lane_where(_lane_isfinite(top), top, 0)[:, None]
-        u = _lane_exp(_lane_min(s - top, cap))
-    elif spec.kind == "unnormalized":
-        u = _lane_exp(lane_where(live2, s, _lane_min(s, cap)))
-    else:
-        u = _lane_sigmoid(s + spec.bias)
-    if causal is not None:
-        u = np.where(causal, u, 0)  # static mask: dropped entries are the constant 0
-    if spec.normalized:
-        z = np.sum(u * weights[None, :], axis=1, keepdims=True)
-        pos = _lane_positive(z)
-        rz = lane_where(pos, 1 / lane_where(pos, z, 1), 0)
-    else:
-        rz = np.full((nq, 1), 1.0, dtype=object)
-    return u, rz
-
-
-def lane_pmean_out(a, w):
-    """``sum_{c, p} a[i, c][p] w[e, c][p]`` for lanes ``a (I, k)``, ``w (d, k)`` -> JAX ``(I, d)`` (not yet divided
-    by ``P``): one elementwise pass, then one row reduction over the particles."""
-    prod = np.sum(a[:, None, :] * w[None, :, :], axis=2)  # (I, d) lanes
-    sums = [jnp.sum(x) for x in prod.reshape(-1)]  # one vectorised reduction per lane (no concatenation)
-    return jnp.stack(sums).reshape(prod.shape)
-
-
-def _velocity_lanes(spec, pm: ParticleMajor, queries, keys, weights, beta):
-    p = pm.wq.shape[-1]
-    wq, wk, wv, wo = (lanes(a) for a in pm)
-    xq, xk, m = shared_lanes(queries), shared_lanes(keys), shared_lanes(weights)
-    live = shared_lanes(weights > 0)
-    proj = lambda x, w: np.sum(x[:, :, None] * w[None, :, :], axis=1)  # noqa: E731  (N, k) lanes
-    kk, v = proj(xk, wk), proj(xk, wv)
-    u, rz = lane_kernel(spec, proj(xq, wq), kk, m, beta, live)
-    vbar = np.sum((u * m[None, :])[:, :, None] * v[None, :, :], axis=1) * rz  # (Nq, k)
-    return lane_pmean_out(vbar, wo) / p

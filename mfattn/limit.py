@@ -31,16 +31,7 @@ from jaxtyping import Array, Float
 
 from . import _checks
 from .adjoint import adjoint_field, grad_map
-from .attention import (
-    SOFTMAX,
-    Attention,
-    ParticleMajor,
-    as_attention,
-    from_particle_major,
-    kernel_strategy,
-    to_particle_major,
-    velocity,
-)
+from .attention import SOFTMAX, Attention, as_attention, velocity
 from .losses import Loss
 from .params import Params, init_params
 
@@ -179,16 +170,6 @@ def _tangent(x, v):
     return v - x * jnp.sum(x * v, axis=-1, keepdims=True)
 
 
-def _kernel_layout(ensemble, n_tokens: int, spec: Attention):
-    """The ensemble in the layout its kernels take: particle-major (leaves ``(K+1, d, k, M)``, converted once per
-    solve rather than at every field evaluation) when :func:`mfattn.attention.kernel_strategy` picks the
-    particle-major kernels, else unchanged."""
-    m, d, k = ensemble.wq.shape[-3:]
-    if kernel_strategy(spec, m, n_tokens, d, k) == "particles":
-        return to_particle_major(ensemble)
-    return ensemble
-
-
 def _forward_vf(t, x, args):
     """``F(mu_t, x, nu_t)`` (``F - <x, F> x`` for the normalised residual). Everything arrives through
     ``args`` (``BacksolveAdjoint`` needs a vector field that closes over no arrays)."""
@@ -224,11 +205,7 @@ def _grad_maps(params, xs, ps, weights, beta, radius, spec):
             p = _tangent(x, p)
         return grad_map(theta, x, p, weights, beta=beta, radius=radius, attention=spec, check=False)
 
-    layout = _kernel_layout(params, xs.shape[1], spec)
-    out = jax.lax.map(one, (layout, xs, ps))
-    if isinstance(layout, ParticleMajor) and not isinstance(params, ParticleMajor):
-        return jax.tree.unflatten(jax.tree.structure(params), list(from_particle_major(out)))
-    return out
+    return jax.lax.map(one, (params, xs, ps))
 
 
 def _forward_solution(ensemble, tokens, weights, beta, radius, grid, interpolation, s: _Solve, saveat):
@@ -239,15 +216,7 @@ def _forward_solution(ensemble, tokens, weights, beta, radius, grid, interpolati
         t1=grid[-1],
         dt0=s.dt0,
         y0=tokens,
-        args=(
-            _kernel_layout(ensemble, tokens.shape[0], s.attention),
-            weights,
-            beta,
-            radius,
-            grid,
-            interpolation,
-            s.attention,
-        ),
+        args=(ensemble, weights, beta, radius, grid, interpolation, s.attention),
         saveat=saveat,
         stepsize_controller=s.controller(grid, interpolation),
         adjoint=s.adjoint,
@@ -341,16 +310,7 @@ def _backward_solution(ensemble, xsol, terminal, weights, beta, radius, grid, in
         t1=grid[0],
         dt0=None if s.dt0 is None else -s.dt0,
         y0=terminal,
-        args=(
-            _kernel_layout(ensemble, terminal.shape[0], s.attention),
-            weights,
-            beta,
-            radius,
-            grid,
-            interpolation,
-            xsol,
-            s.attention,
-        ),
+        args=(ensemble, weights, beta, radius, grid, interpolation, xsol, s.attention),
         saveat=saveat,
         stepsize_controller=s.controller(grid, interpolation),
         max_steps=s.max_steps,
