@@ -18,10 +18,9 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 
 from mfattn import limit, rates
-from mfattn.rates import core, driver
+from mfattn.rates import driver
 from mfattn.train import batch_grad_map
 
 
@@ -47,20 +46,41 @@ def step_split(cfg) -> dict:
 
     @jax.jit
     def limit_grads(reps):
-        one = lambda e: limit.batch_grad_map(e, batch.tokens, batch.weights, batch.targets, problem.loss,  # noqa: E731
-                                             beta=problem.beta, grid=problem.grid, **kw)[1]  # fmt: skip
+        one = lambda e: limit.batch_grad_map(
+            e,
+            batch.tokens,
+            batch.weights,
+            batch.targets,
+            problem.loss,  # noqa: E731
+            beta=problem.beta,
+            grid=problem.grid,
+            **kw,
+        )[1]
         return jax.vmap(one)(reps)
 
     @jax.jit
     def discrete_grads(disc):
-        one = lambda q: batch_grad_map(q, batch.tokens, batch.weights, batch.targets, problem.loss,  # noqa: E731
-                                       beta=problem.beta, attention=problem.spec)[1]  # fmt: skip
+        one = lambda q: batch_grad_map(
+            q,
+            batch.tokens,
+            batch.weights,
+            batch.targets,
+            problem.loss,  # noqa: E731
+            beta=problem.beta,
+            attention=problem.spec,
+        )[1]
         return tuple(jax.vmap(jax.vmap(one))(p) for p in disc)
 
     t_lim = _median(lambda: limit_grads(reps))
     t_disc = _median(lambda: discrete_grads(disc))
-    return {"limit_grads_s": t_lim, "discrete_grads_s": t_disc, "discrete_share": t_disc / (t_lim + t_disc),
-            "particles": cfg.particles, "seeds": cfg.seeds, "points": len(group.points)}  # fmt: skip
+    return {
+        "limit_grads_s": t_lim,
+        "discrete_grads_s": t_disc,
+        "discrete_share": t_disc / (t_lim + t_disc),
+        "particles": cfg.particles,
+        "seeds": cfg.seeds,
+        "points": len(group.points),
+    }
 
 
 def main(argv=None):
@@ -82,15 +102,26 @@ def main(argv=None):
     for group, phase, s in rows:
         print(f"{group:<28}{phase:<40}{s:>10.1f}{s / total:>8.1%}")
     print(f"{'total (wall, with start-up)':<68}{total:>10.1f}")
-    print(f"one training step's gradients (after warm-up): limit {split['limit_grads_s']:.3f} s "
-          f"({split['particles']} particles), discrete models {split['discrete_grads_s']:.4f} s "
-          f"({split['seeds']} seeds x {split['points']} points): {split['discrete_share']:.1%} of the two")  # fmt: skip
-    out = a.out or os.path.join(os.path.dirname(__file__), "results",
-                                "rates_phases_quick.json" if a.quick else "rates_phases.json")  # fmt: skip
+    print(
+        f"one training step's gradients (after warm-up): limit {split['limit_grads_s']:.3f} s "
+        f"({split['particles']} particles), discrete models {split['discrete_grads_s']:.4f} s "
+        f"({split['seeds']} seeds x {split['points']} points): {split['discrete_share']:.1%} of the two"
+    )
+    out = a.out or os.path.join(
+        os.path.dirname(__file__), "results", "rates_phases_quick.json" if a.quick else "rates_phases.json"
+    )
     with open(out, "w") as f:
-        json.dump({"config": "quick" if a.quick else (a.config or "default"), "total_s": total,
-                   "phases": [{"group": g, "phase": ph, "seconds": s} for g, ph, s in rows], "step_split": split,
-                   "machine": {"backend": jax.default_backend(), "cpu_count": os.cpu_count()}}, f, indent=2)  # fmt: skip
+        json.dump(
+            {
+                "config": "quick" if a.quick else (a.config or "default"),
+                "total_s": total,
+                "phases": [{"group": g, "phase": ph, "seconds": s} for g, ph, s in rows],
+                "step_split": split,
+                "machine": {"backend": jax.default_backend(), "cpu_count": os.cpu_count()},
+            },
+            f,
+            indent=2,
+        )
     print(f"wrote {out}")
 
 

@@ -88,8 +88,12 @@ class _RatesProgress:
         from .rates import work_units
 
         u = work_units(cfg)
-        self.bar = tqdm(total=round(u["control"] + sum(g["total"] for g in u["groups"]), 1), desc="rates",
-                        unit="solve", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}]")  # fmt: skip
+        self.bar = tqdm(
+            total=round(u["control"] + sum(g["total"] for g in u["groups"]), 1),
+            desc="rates",
+            unit="solve",
+            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}]",
+        )
 
     def __call__(self, phase: str, units: float) -> None:
         self.bar.set_description(f"rates: {phase}", refresh=False)
@@ -234,8 +238,12 @@ def _main(argv: list[str] | None) -> int:
     r.add_argument("--quick", action="store_true", help="a small configuration (about a minute) for smoke tests")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--print-config", action="store_true", help="print every setting with its default and meaning")
-    r.add_argument("--report", default=None, metavar="DIR",
-                   help="rebuild the table, summary.json and plots of an existing run folder (no computation)")
+    r.add_argument(
+        "--report",
+        default=None,
+        metavar="DIR",
+        help="rebuild the table, summary.json and plots of an existing run folder (no computation)",
+    )
     r.add_argument(
         "--host-devices",
         type=int,

@@ -252,7 +252,10 @@ def train(
         history["block_norms"].append(np.asarray(metrics["block_norms"][-1]).tolist())
         if not np.all(np.isfinite(metrics["loss"])):
             raise FloatingPointError(
-                f"train: loss became non-finite at step {first + int(np.argmin(np.isfinite(metrics['loss'])))}."
+                f"train: loss became non-finite at step {first + int(np.argmin(np.isfinite(metrics['loss'])))}: the "
+                "training dynamics overflowed (parameters or tokens grew without bound); lower the learning rate "
+                "(learning_rate * weight_decay <= 1, paper Lemma 26) or beta; mfattn.forward(state.params, x, ...) "
+                "names the first non-finite layer."
             )
         if checkpoint_dir is not None:
             save_checkpoint(checkpoint_dir, state, history, config)

@@ -45,8 +45,10 @@ print(summary["table"])
 pc = summary["positive_control"]
 print("positive control:", "passed" if pc.get("passed") else "FAILED", "-", pc.get("why"))
 for p in pc.get("per_point", []):
-    print(f"  L = {p['depth']:>3}, H = {p['heads']:>3}: err {p['rms_err']:.3e}, sqrt(LH) err {p['sqrt_LH_err']:.2f}, "
-          f"MC {p['mc']:.1e}")
+    print(
+        f"  L = {p['depth']:>3}, H = {p['heads']:>3}: err {p['rms_err']:.3e}, sqrt(LH) err {p['sqrt_LH_err']:.2f}, "
+        f"MC {p['mc']:.1e}"
+    )
 mc = summary["monte_carlo"]
 print(f"Monte-Carlo: {mc['particles']} particles, {mc['replicas']} replicas, max MC/err {mc['max_ratio']}")
 print("supremum search:", summary["sup_search"])

@@ -71,7 +71,8 @@ def test_num_clusters_of_two_tight_clusters():
     assert int(num_clusters(on_line([0.0, 1.0], d=1), jnp.array([0.5, 0.5]), 1.0)) == 2
     labels = np.asarray(cluster_labels(tokens, weights, 0.1))
     np.testing.assert_array_equal(labels, [0, 1, 0, -1, 1, 0])
-    assert int(num_clusters(tokens, jnp.zeros(6), 0.1)) == 0
+    with pytest.raises(ValueError, match="num_clusters: weights must have a positive total mass"):
+        num_clusters(tokens, jnp.zeros(6), 0.1)  # an empty measure has no clusters to count: refused
 
 
 def test_num_clusters_needs_the_transitive_closure():

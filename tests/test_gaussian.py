@@ -236,7 +236,7 @@ def test_bad_input_raises_clear_errors(getkey, no_jaxtyping):
         f(grid=jnp.array([0.0, 0.5, 0.5]))
     with pytest.raises(ValueError, match="ts must be non-decreasing and within"):
         f(ts=jnp.array([0.0, 1.5]))
-    with pytest.raises(ValueError, match="must be an mfattn.Params"):
+    with pytest.raises(TypeError, match="must be an mfattn.Params"):
         f(ensemble=(ens.wq, ens.wk, ens.wv, ens.wo))
     f(cov0=jnp.zeros((2, 2)))  # a point mass is a (degenerate) Gaussian
     run = jax.jit(lambda s: f(cov0=s))

@@ -127,9 +127,12 @@ def test_control_passes_on_the_clt_law_and_fails_on_the_theorem_rate():
 
 def test_theorem_ratio_slopes():
     rng = np.random.default_rng(5)
-    E = _synthetic(0.0, 1.0, 0.5, 0.5, 16, 0.01, rng, POINTS)
+    L = np.array([p[0] for p in POINTS], float)[:, None]
+    H = np.array([p[1] for p in POINTS], float)[:, None]
+    E = 2.0 * (1 / L + L ** (-1 / 3) * H ** (-1 / 2)) * L**-0.2 * np.exp(0.01 * rng.standard_normal((16, 16)))
     tr = stats.theorem_ratio(POINTS, E)
-    assert tr["slope_L"] < 0 and tr["slope_L_ci"][1] < 0 and abs(tr["slope_H"]) < 0.1
+    assert abs(tr["slope_L"] + 0.2) < 0.02 and tr["slope_L_ci"][1] < 0 and abs(tr["slope_H"]) < 0.02
+    assert abs(tr["max"] - 2.0 * 8**-0.2) < 0.1
 
 
 # ------------------------------------------------------------------------------------------------ numerics

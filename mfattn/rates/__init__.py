@@ -29,8 +29,20 @@ import numpy as np
 from . import driver, io, stats
 from .config import EXECUTION_ONLY, OPTIMIZERS, QUICK, TASKS, RatesConfig, load_config, print_config
 
-__all__ = ["RatesConfig", "QUICK", "TASKS", "OPTIMIZERS", "EXECUTION_ONLY", "load_config", "print_config", "run",
-           "report", "check_folder", "summarize", "work_units"]  # fmt: skip
+__all__ = [
+    "RatesConfig",
+    "QUICK",
+    "TASKS",
+    "OPTIMIZERS",
+    "EXECUTION_ONLY",
+    "load_config",
+    "print_config",
+    "run",
+    "report",
+    "check_folder",
+    "summarize",
+    "work_units",
+]
 
 check_folder = io.check_folder
 
@@ -43,14 +55,20 @@ def work_units(cfg: RatesConfig) -> dict:
     for g in driver.groups(cfg):
         P = len(g.points)
         sur = cfg.search_particles * g.lmax / (12 * per_solve)  # Euler layers against Tsit5 stages, x3 for the grad
-        search = [cfg.seeds * P * min(cfg.ascent_starts * 2**r, 5 * cfg.candidates) * cfg.ascent_steps * 2**r * sur
-                  for r in range(cfg.search_rounds)]  # fmt: skip
+        search = [
+            cfg.seeds * P * min(cfg.ascent_starts * 2**r, 5 * cfg.candidates) * cfg.ascent_steps * 2**r * sur
+            for r in range(cfg.search_rounds)
+        ]
         scale = (g.num_tokens / cfg.num_tokens) ** 2 * (g.dim / cfg.dim)
-        out["groups"].append({
-            "train": 3 * cfg.batch_size * scale, "eval": scale, "search": [s * scale for s in search],
-            "total": scale * (3 * cfg.batch_size * cfg.steps + cfg.test_inputs + 5 * cfg.candidates
-                              + cfg.seeds * P) + sum(search) * scale,
-        })  # fmt: skip
+        out["groups"].append(
+            {
+                "train": 3 * cfg.batch_size * scale,
+                "eval": scale,
+                "search": [s * scale for s in search],
+                "total": scale * (3 * cfg.batch_size * cfg.steps + cfg.test_inputs + 5 * cfg.candidates + cfg.seeds * P)
+                + sum(search) * scale,
+            }
+        )
     return out
 
 
@@ -61,8 +79,13 @@ def _group_keys(cfg, group, seed):
     ]
 
 
-def run(cfg: RatesConfig, out_dir: str, *, progress: Callable[[str, float], None] | None = None,
-        log: Callable[[str], None] | None = None) -> dict:
+def run(
+    cfg: RatesConfig,
+    out_dir: str,
+    *,
+    progress: Callable[[str, float], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Run (or resume) the experiment into ``out_dir``; return the summary (also written to ``summary.json``).
 
     ``progress(phase, units)`` is called as work completes (units: :func:`work_units`). Rows already in the
@@ -71,15 +94,20 @@ def run(cfg: RatesConfig, out_dir: str, *, progress: Callable[[str, float], None
     a library call does not flip global state."""
     cfg.validate()
     if cfg.precision == "float64" and not jax.config.jax_enable_x64:
-        raise ValueError("rates.run: precision = 'float64' needs JAX's 64-bit mode: set JAX_ENABLE_X64=1 or call "
-                         "jax.config.update('jax_enable_x64', True) first (`mfattn rates` does).")  # fmt: skip
+        raise ValueError(
+            "rates.run: precision = 'float64' needs JAX's 64-bit mode: set JAX_ENABLE_X64=1 or call "
+            "jax.config.update('jax_enable_x64', True) first (`mfattn rates` does)."
+        )
     folder = io.folder(cfg, out_dir).open()  # checks, lock, config.json, results.csv repaired
     t0 = time.perf_counter()
     try:
-        tabs = {name: io.Table(os.path.join(out_dir, f"{name}.csv"), spec)
-                for name, spec in (("control", io.CONTROL), ("training", io.TRAINING))}  # fmt: skip
-        messages = list(folder.messages) + [f"rates: {k}.csv: dropped {t.dropped} incomplete row(s); recomputed"
-                                            for k, t in tabs.items() if t.dropped]  # fmt: skip
+        tabs = {
+            name: io.Table(os.path.join(out_dir, f"{name}.csv"), spec)
+            for name, spec in (("control", io.CONTROL), ("training", io.TRAINING))
+        }
+        messages = list(folder.messages) + [
+            f"rates: {k}.csv: dropped {t.dropped} incomplete row(s); recomputed" for k, t in tabs.items() if t.dropped
+        ]
         if log is not None:
             for m in messages:
                 log(m)
@@ -90,8 +118,15 @@ def run(cfg: RatesConfig, out_dir: str, *, progress: Callable[[str, float], None
         tick = progress or (lambda phase, n: None)
         write = lambda row: folder.append(io.fmt_row(row))  # noqa: E731
         if cfg.control:
-            missing = [s for s in seeds if any((str(L), str(H), str(s)) not in tabs["control"].done
-                                               for L in cfg.control_depths for H in cfg.control_heads)]  # fmt: skip
+            missing = [
+                s
+                for s in seeds
+                if any(
+                    (str(L), str(H), str(s)) not in tabs["control"].done
+                    for L in cfg.control_depths
+                    for H in cfg.control_heads
+                )
+            ]
             if missing:
                 per = units["control"] / cfg.control_inputs
                 tc = time.perf_counter()
@@ -145,8 +180,10 @@ def report(out_dir: str) -> dict:
     with open(os.path.join(out_dir, "config.json")) as f:
         values = json.load(f)
     cfg = load_config(overrides=values)
-    rows = {name: io.Table(os.path.join(out_dir, f"{name}.csv"), spec).rows
-            for name, spec in (("control", io.CONTROL), ("training", io.TRAINING))}  # fmt: skip
+    rows = {
+        name: io.Table(os.path.join(out_dir, f"{name}.csv"), spec).rows
+        for name, spec in (("control", io.CONTROL), ("training", io.TRAINING))
+    }
     rows["results"] = io.folder(cfg, out_dir).rows()
     diag_path = os.path.join(out_dir, "diagnostics.json")
     diagnostics = json.load(open(diag_path)) if os.path.exists(diag_path) else {}
@@ -174,11 +211,17 @@ def summarize(cfg: RatesConfig, rows: dict, diagnostics: dict) -> dict:
         E, _ = stats.matrix(rows["control"], "pointwise_err", cpts)
         mc = stats.matrix(rows["control"], "pointwise_mc", cpts)[0][:, 0]
         out["positive_control"] = stats.control_summary(
-            cpts, E, radius=cfg.radius, mc_ratio=cfg.mc_ratio, mc_ratio_per_point=mc / stats.rms(E),
-            reference_particles=cfg.control_particles)  # fmt: skip
+            cpts,
+            E,
+            radius=cfg.radius,
+            mc_ratio=cfg.mc_ratio,
+            mc_ratio_per_point=mc / stats.rms(E),
+            reference_particles=cfg.control_particles,
+        )
         out["positive_control"]["per_point"] = [
             {"depth": L, "heads": H, "rms_err": float(e), "mc": float(m), "sqrt_LH_err": float(e * math.sqrt(L * H))}
-            for (L, H), e, m in zip(cpts, stats.rms(E), mc)]  # fmt: skip
+            for (L, H), e, m in zip(cpts, stats.rms(E), mc)
+        ]
     else:
         out["positive_control"] = {"passed": None, "why": "control = false"}
     # ---- errors at the final step
@@ -191,29 +234,52 @@ def summarize(cfg: RatesConfig, rows: dict, diagnostics: dict) -> dict:
     fits = {
         "pointwise": stats.fit_errors(pts, E_pw, radius=cfg.radius, mc_ratio=cfg.mc_ratio, mc_ratio_per_point=ratio_pw),
         "uniform": stats.fit_errors(pts, E_un, radius=cfg.radius, mc_ratio=cfg.mc_ratio, mc_ratio_per_point=ratio_un),
-        "pointwise_extrapolated": stats.fit_errors(pts, _points_rms(res, "pointwise_err_inf", pts), radius=cfg.radius,
-                                                   mc_ratio=math.inf),
+        "pointwise_extrapolated": stats.fit_errors(
+            pts, _points_rms(res, "pointwise_err_inf", pts), radius=cfg.radius, mc_ratio=math.inf
+        ),
         "param_gap": stats.fit_errors(pts, _points_rms(res, "param_gap", pts), radius=math.inf, mc_ratio=math.inf),
-    }  # fmt: skip
-    flagged = [{"depth": L, "heads": H, "pointwise_ratio": float(a), "uniform_ratio": float(b)}
-               for (L, H), a, b in zip(pts, ratio_pw, ratio_un) if a > cfg.mc_ratio or b > cfg.mc_ratio]  # fmt: skip
-    used_pw = [i for i, p in enumerate(pts) if not any(lo["depth"] == p[0] and lo["heads"] == p[1]
-                                                        for lo in fits["pointwise"]["left_out"])]  # fmt: skip
-    used_un = [i for i, p in enumerate(pts) if not any(lo["depth"] == p[0] and lo["heads"] == p[1]
-                                                        for lo in fits["uniform"]["left_out"])]  # fmt: skip
+    }
+    flagged = [
+        {"depth": L, "heads": H, "pointwise_ratio": float(a), "uniform_ratio": float(b)}
+        for (L, H), a, b in zip(pts, ratio_pw, ratio_un)
+        if a > cfg.mc_ratio or b > cfg.mc_ratio
+    ]
+    used_pw = [
+        i
+        for i, p in enumerate(pts)
+        if not any(lo["depth"] == p[0] and lo["heads"] == p[1] for lo in fits["pointwise"]["left_out"])
+    ]
+    used_un = [
+        i
+        for i, p in enumerate(pts)
+        if not any(lo["depth"] == p[0] and lo["heads"] == p[1] for lo in fits["uniform"]["left_out"])
+    ]
     fitted = [ratio_pw[i] for i in used_pw] + [ratio_un[i] for i in used_un]
     out["monte_carlo"] = {
-        "particles": cfg.particles, "replicas": cfg.replicas, "method": "batch means over replicas",
-        "estimate": {"pointwise_max": float(np.nanmax(mc_pw)) if mc_pw.size else None,
-                     "uniform_rms_max": float(np.nanmax(stats.rms(mc_un))) if mc_un.size else None},
+        "particles": cfg.particles,
+        "replicas": cfg.replicas,
+        "method": "batch means over replicas",
+        "estimate": {
+            "pointwise_max": float(np.nanmax(mc_pw)) if mc_pw.size else None,
+            "uniform_rms_max": float(np.nanmax(stats.rms(mc_un))) if mc_un.size else None,
+        },
         "max_ratio": float(max(fitted)) if fitted else None,
         "max_ratio_all_points": float(np.nanmax(np.concatenate([ratio_pw, ratio_un]))) if pts else None,
-        "flagged": flagged, "threshold": cfg.mc_ratio,
-        "per_point": [{"depth": L, "heads": H, "pointwise_rms": float(e), "pointwise_extrapolated_rms": float(x),
-                       "pointwise_mc": float(m)}
-                      for (L, H), e, x, m in zip(pts, stats.rms(E_pw), stats.rms(_points_rms(res, "pointwise_err_inf",
-                                                                                              pts)), np.nanmax(mc_pw, 1))],
-    }  # fmt: skip
+        "flagged": flagged,
+        "threshold": cfg.mc_ratio,
+        "per_point": [
+            {
+                "depth": L,
+                "heads": H,
+                "pointwise_rms": float(e),
+                "pointwise_extrapolated_rms": float(x),
+                "pointwise_mc": float(m),
+            }
+            for (L, H), e, x, m in zip(
+                pts, stats.rms(E_pw), stats.rms(_points_rms(res, "pointwise_err_inf", pts)), np.nanmax(mc_pw, 1)
+            )
+        ],
+    }
     gains = [float(r["search_gain"]) for r in res]
     fam: dict = {}
     for r in res:
@@ -221,25 +287,35 @@ def summarize(cfg: RatesConfig, rows: dict, diagnostics: dict) -> dict:
     out["sup_search"] = {
         "final_gain": max(gains) if gains else None,
         "converged": all(int(r["search_converged"]) for r in res) if res else None,
-        "tol": cfg.search_tol, "rows_from_search": sum(r["uniform_source"] == "search" for r in res),
-        "rows": len(res), "worst_family_counts": fam,
+        "tol": cfg.search_tol,
+        "rows_from_search": sum(r["uniform_source"] == "search" for r in res),
+        "rows": len(res),
+        "worst_family_counts": fam,
         "worst_mean_token_norm": float(np.mean([float(r["worst_norm"]) for r in res])) if res else None,
         "worst_mean_diameter": float(np.mean([float(r["worst_diameter"]) for r in res])) if res else None,
-        "surrogate_over_exact": float(np.median([float(r["surrogate_value"]) / float(r["uniform_search"])
-                                                 for r in res])) if res else None,
-    }  # fmt: skip
+        "surrogate_over_exact": float(
+            np.median([float(r["surrogate_value"]) / float(r["uniform_search"]) for r in res])
+        )
+        if res
+        else None,
+    }
     lh = diagnostics.get(f"LH/{cfg.optimizer}/{cfg.num_tokens}/{cfg.dim}", {})
     train_rows = [r for r in rows["training"] if r["sweep"] == "LH"]
     out["training"] = {
         "steps": cfg.steps,
-        "sign_fraction": {"limit": float(np.mean(lh.get("sign_fraction_limit", [np.nan]))),
-                          "discrete": float(np.mean(lh.get("sign_fraction_discrete", [np.nan])))},
-        "depth_spread": lh.get("depth_spread"), "translation_share": lh.get("translation_share"),
+        "sign_fraction": {
+            "limit": float(np.mean(lh.get("sign_fraction_limit", [np.nan]))),
+            "discrete": float(np.mean(lh.get("sign_fraction_discrete", [np.nan]))),
+        },
+        "depth_spread": lh.get("depth_spread"),
+        "translation_share": lh.get("translation_share"),
         "rms_displacement": lh.get("rms_displacement"),
-        "loss": {"limit": [float(r["limit_loss"]) for r in train_rows],
-                 "discrete": [float(r["discrete_loss"]) for r in train_rows]},
+        "loss": {
+            "limit": [float(r["limit_loss"]) for r in train_rows],
+            "discrete": [float(r["discrete_loss"]) for r in train_rows],
+        },
         "p_norm_mean": float(np.mean([float(r["p_norm"]) for r in res])) if res else None,
-    }  # fmt: skip
+    }
     out["fits"] = fits
     out["theorem_ratio"] = stats.theorem_ratio(pts, E_un) if res else {}
     # ---- N and d sweeps
@@ -248,10 +324,13 @@ def summarize(cfg: RatesConfig, rows: dict, diagnostics: dict) -> dict:
         if not vals:
             continue
         block = {}
-        for opt in ((cfg.optimizer,) if sweep == "N" else OPTIMIZERS):
+        for opt in (cfg.optimizer,) if sweep == "N" else OPTIMIZERS:
             for L, H in map(tuple, cfg.sweep_points):
-                sub = [r for r in rows["results"] if r["sweep"] == sweep and r["optimizer"] == opt
-                       and int(r["depth"]) == L and int(r["heads"]) == H]  # fmt: skip
+                sub = [
+                    r
+                    for r in rows["results"]
+                    if r["sweep"] == sweep and r["optimizer"] == opt and int(r["depth"]) == L and int(r["heads"]) == H
+                ]
                 for kind in ("pointwise_err", "uniform_err"):
                     E, _ = stats.matrix(sub, kind, [(v,) for v in vals], keys=(col,))
                     block[f"{opt} L={L} H={H} {kind}"] = stats.sweep_slopes(list(vals), E)
@@ -268,8 +347,15 @@ def _environment() -> dict:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             versions[name] = None
-    return {"versions": versions, "device": {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-                                             "platform": platform.platform(), "cpu_count": os.cpu_count()}}  # fmt: skip
+    return {
+        "versions": versions,
+        "device": {
+            "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()],
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+        },
+    }
 
 
 def _jsonable(obj):
@@ -302,49 +388,66 @@ def table(cfg: RatesConfig, rows: list, summary: dict) -> str:
     pc = summary.get("positive_control", {})
     if pc.get("passed") is not None:
         verdict = "PASSED" if pc["passed"] else "FAILED"
-        lines.append(f"positive control (step 0, reference limit M = {pc.get('reference_particles')}): {verdict} — "
-                     f"gamma = {_ci(pc, 'gamma')}, alpha = {_ci(pc, 'alpha')}, preferred: {pc.get('preferred')}"
-                     f" ({pc.get('why')})")  # fmt: skip
+        lines.append(
+            f"positive control (step 0, reference limit M = {pc.get('reference_particles')}): {verdict} — "
+            f"gamma = {_ci(pc, 'gamma')}, alpha = {_ci(pc, 'alpha')}, preferred: {pc.get('preferred')}"
+            f" ({pc.get('why')})"
+        )
         if not pc["passed"]:
             lines.append("  the control failed: the numbers below are not a measurement of the theorem's rate.")
-    hdr = (f"{'sweep':<6}{'opt':<16}{'L':>4}{'H':>4}{'N':>4}{'d':>4}{'seeds':>6}{'pointwise':>11}{'  x/p':>13}"
-           f"{'uniform':>11}{'search':>8}{'mc/err':>8}{'gap':>10}  flag")  # fmt: skip
+    hdr = (
+        f"{'sweep':<6}{'opt':<16}{'L':>4}{'H':>4}{'N':>4}{'d':>4}{'seeds':>6}{'pointwise':>11}{'  x/p':>13}"
+        f"{'uniform':>11}{'search':>8}{'mc/err':>8}{'gap':>10}  flag"
+    )
     lines += [hdr, "-" * len(hdr)]
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["sweep"], r["optimizer"], int(r["depth"]), int(r["heads"]), int(r["num_tokens"]),
-                           int(r["dim"])), []).append(r)  # fmt: skip
+        groups.setdefault(
+            (r["sweep"], r["optimizer"], int(r["depth"]), int(r["heads"]), int(r["num_tokens"]), int(r["dim"])), []
+        ).append(r)
     for (sw, opt, L, H, n, d), rs in groups.items():
-        f = lambda c: np.array([float(r[c]) for r in rs])  # noqa: E731
+        f = lambda c: np.array([float(r[c]) for r in rs])  # noqa: E731, B023
         pw, un = stats.rms(f("pointwise_err")), stats.rms(f("uniform_err"))
         ratio = max(np.max(f("pointwise_mc")) / pw, stats.rms(f("uniform_mc")) / un)
         flag = "MC" if ratio > cfg.mc_ratio else ("sat" if (un >= cfg.radius or L * H <= 4) else "")
         xp = f"{stats.rms(f('pointwise_err_x')):.2f}/{stats.rms(f('pointwise_err_p')):.2f}"
         src = sum(r["uniform_source"] == "search" for r in rs)
-        lines.append(f"{sw:<6}{opt:<16}{L:>4}{H:>4}{n:>4}{d:>4}{len(rs):>6}{pw:>11.3e}{xp:>13}{un:>11.3e}"
-                     f"{src:>4}/{len(rs):<3}{ratio:>8.2f}{stats.rms(f('param_gap')):>10.3e}  {flag}")  # fmt: skip
+        lines.append(
+            f"{sw:<6}{opt:<16}{L:>4}{H:>4}{n:>4}{d:>4}{len(rs):>6}{pw:>11.3e}{xp:>13}{un:>11.3e}"
+            f"{src:>4}/{len(rs):<3}{ratio:>8.2f}{stats.rms(f('param_gap')):>10.3e}  {flag}"
+        )
     lines.append("")
     for kind in ("pointwise", "uniform"):
         fb = summary["fits"].get(kind, {})
         if "alpha" in fb:
-            lines.append(f"{kind}: {fb['model']}: alpha = {_ci(fb, 'alpha')}, gamma = {_ci(fb, 'gamma')} "
-                         f"({fb['points_used']} points, {fb['method']}; theorem 1/3, 1/2; pointwise 1/2, 1/2)")  # fmt: skip
+            lines.append(
+                f"{kind}: {fb['model']}: alpha = {_ci(fb, 'alpha')}, gamma = {_ci(fb, 'gamma')} "
+                f"({fb['points_used']} points, {fb['method']}; theorem 1/3, 1/2; pointwise 1/2, 1/2)"
+            )
         else:
             lines.append(f"{kind}: no fit ({fb.get('error')})")
     tr = summary.get("theorem_ratio", {})
     if "max" in tr:
-        lines.append(f"uniform / (1/L + L^-1/3 H^-1/2): max {tr['max']:.2f}, slope in L {_ci(tr, 'slope_L')}, "
-                     f"in H {_ci(tr, 'slope_H')} (an upper bound holds if the slopes are <= 0)")  # fmt: skip
+        lines.append(
+            f"uniform / (1/L + L^-1/3 H^-1/2): max {tr['max']:.2f}, slope in L {_ci(tr, 'slope_L')}, "
+            f"in H {_ci(tr, 'slope_H')} (an upper bound holds if the slopes are <= 0)"
+        )
     mc, ss, trn = summary["monte_carlo"], summary["sup_search"], summary["training"]
-    lines.append(f"Monte-Carlo: {mc['particles']} particles in {mc['replicas']} replicas; largest MC/err over "
-                 f"fitted points {mc['max_ratio'] if mc['max_ratio'] is None else round(mc['max_ratio'], 3)}; "
-                 f"{len(mc['flagged'])} point(s) flagged (> {mc['threshold']})")  # fmt: skip
+    lines.append(
+        f"Monte-Carlo: {mc['particles']} particles in {mc['replicas']} replicas; largest MC/err over "
+        f"fitted points {mc['max_ratio'] if mc['max_ratio'] is None else round(mc['max_ratio'], 3)}; "
+        f"{len(mc['flagged'])} point(s) flagged (> {mc['threshold']})"
+    )
     if ss["final_gain"] is not None:
-        lines.append(f"supremum search: last doubling gained at most {100 * ss['final_gain']:.1f}% "
-                     f"({'converged' if ss['converged'] else 'NOT converged'} at {100 * ss['tol']:.0f}%)")  # fmt: skip
-    lines.append(f"training: {trn['steps']} steps; fraction of Adam directions at the sign bound "
-                 f"{trn['sign_fraction']['limit']:.2f} (limit), {trn['sign_fraction']['discrete']:.2f} (discrete); "
-                 f"depth spread of the limit's displacement {trn['depth_spread'] or float('nan'):.2f}")  # fmt: skip
+        lines.append(
+            f"supremum search: last doubling gained at most {100 * ss['final_gain']:.1f}% "
+            f"({'converged' if ss['converged'] else 'NOT converged'} at {100 * ss['tol']:.0f}%)"
+        )
+    lines.append(
+        f"training: {trn['steps']} steps; fraction of Adam directions at the sign bound "
+        f"{trn['sign_fraction']['limit']:.2f} (limit), {trn['sign_fraction']['discrete']:.2f} (discrete); "
+        f"depth spread of the limit's displacement {trn['depth_spread'] or float('nan'):.2f}"
+    )
     for sweep in ("N", "d"):
         for name, b in summary["fits"].get(sweep, {}).items():
             if "slope" in b:

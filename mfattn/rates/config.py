@@ -39,10 +39,18 @@ class RatesConfig:
     """
 
     # ---- model and data
-    task: str = _f("teacher_student", "teacher_student (token regression to a random teacher transformer) or "
-                   "target_measure (MMD^2/2 to a fixed target cloud)", "choice:task")  # fmt: skip
-    attention: Any = _f("softmax", "the student's and the limit's attention: a kind string or a table of "
-                        "mfattn.Attention fields, e.g. {kind = 'sigmoid', causal = true}", "attention")  # fmt: skip
+    task: str = _f(
+        "teacher_student",
+        "teacher_student (token regression to a random teacher transformer) or "
+        "target_measure (MMD^2/2 to a fixed target cloud)",
+        "choice:task",
+    )
+    attention: Any = _f(
+        "softmax",
+        "the student's and the limit's attention: a kind string or a table of "
+        "mfattn.Attention fields, e.g. {kind = 'sigmoid', causal = true}",
+        "attention",
+    )
     dim: int = _f(2, "token dimension d", "posint")
     head_dim: int = _f(2, "head dimension k", "posint")
     num_tokens: int = _f(4, "tokens N per sequence", "posint")
@@ -56,11 +64,18 @@ class RatesConfig:
     # ---- sweeps
     depths: list = _f([4, 8, 16, 32], "depths L of the trained (L, H) grid", "posints")
     heads: list = _f([1, 4, 16], "heads H of the trained (L, H) grid", "posints")
-    seeds: int = _f(8, "independent draws of the discrete models (the limit is shared: Theorem 7's expectation is "
-                    "over the parameters given the data stream); >= 16 for seed-bootstrap intervals", "posint")  # fmt: skip
+    seeds: int = _f(
+        8,
+        "independent draws of the discrete models (the limit is shared: Theorem 7's expectation is "
+        "over the parameters given the data stream); >= 16 for seed-bootstrap intervals",
+        "posint",
+    )
     tokens_sweep: list = _f([], "N sweep: token counts, run at each of sweep_points", "posints")
-    dims_sweep: list = _f([], "d sweep: widths, run at each of sweep_points under AdamW and blockwise AdamW "
-                          "(paired: same draws and data)", "posints")  # fmt: skip
+    dims_sweep: list = _f(
+        [],
+        "d sweep: widths, run at each of sweep_points under AdamW and blockwise AdamW (paired: same draws and data)",
+        "posints",
+    )
     sweep_points: list = _f([[8, 4], [16, 16]], "(L, H) points of the N and d sweeps", "pairs")
     # ---- training (the same optimizer and data stream for the discrete models and the limit)
     steps: int = _f(20, "training steps", "nonnegint")
@@ -70,21 +85,31 @@ class RatesConfig:
     weight_decay: float = _f(1e-2, "weight decay lambda (need eta * lambda <= 1, paper Lemma 26)", "nonneg")
     b1: float = _f(0.9, "Adam's b1", "unit")
     b2: float = _f(0.99, "Adam's b2", "unit")
-    eps: float = _f(1e-1, "Adam's eps; much larger than 1e-8 so that the first steps are not sign descent "
-                    "(update = lr * sign(g)); report: training.sign_fraction", "pos")  # fmt: skip
-    init: str = _f("mean_noise", "initialisation law nu_0: xavier_uniform, truncated_normal or mean_noise",
-                   "choice:init")  # fmt: skip
+    eps: float = _f(
+        1e-1,
+        "Adam's eps; much larger than 1e-8 so that the first steps are not sign descent "
+        "(update = lr * sign(g)); report: training.sign_fraction",
+        "pos",
+    )
+    init: str = _f(
+        "mean_noise", "initialisation law nu_0: xavier_uniform, truncated_normal or mean_noise", "choice:init"
+    )
     init_scale: float = _f(0.5, "scale of nu_0", "pos")
     # ---- the limit
     particles: int = _f(4096, "M: the trained limit's ensemble (all replicas together)", "posint")
-    replicas: int = _f(4, "independent sub-ensembles of M / replicas particles (>= 4): the limit is their pooled "
-                       "mean, its Monte-Carlo error their batch-means spread", "posint")  # fmt: skip
+    replicas: int = _f(
+        4,
+        "independent sub-ensembles of M / replicas particles (>= 4): the limit is their pooled "
+        "mean, its Monte-Carlo error their batch-means spread",
+        "posint",
+    )
     grid_size: int = _f(9, "K + 1 depth grid times of the limit's parameters", "posint")
     solver_steps: int = _f(1, "Tsit5 steps per grid interval (fixed step); 0: adaptive PID with rtol/atol", "nonnegint")
     rtol: float = _f(1e-5, "adaptive solves: relative tolerance", "pos")
     atol: float = _f(1e-7, "adaptive solves: absolute tolerance", "pos")
-    mc_ratio: float = _f(0.3, "a point whose Monte-Carlo error exceeds mc_ratio x its error is flagged and left "
-                         "out of the fits", "pos")  # fmt: skip
+    mc_ratio: float = _f(
+        0.3, "a point whose Monte-Carlo error exceeds mc_ratio x its error is flagged and left out of the fits", "pos"
+    )
     # ---- positive control: untrained models against a reference limit (Euler + CLT law)
     control: bool = _f(True, "run the step-0 positive control first", "bool")
     control_depths: list = _f([8, 16, 32, 64], "depths of the control grid", "posints")
@@ -94,8 +119,12 @@ class RatesConfig:
     # ---- errors: pointwise over test inputs, uniform by a search
     test_inputs: int = _f(8, "training-like inputs of the pointwise error", "posint")
     candidates: int = _f(6, "candidate inputs per family (5 families) for the supremum", "posint")
-    search_particles: int = _f(128, "particles of the cheap limit (Euler on the layer grid) the ascent runs on; "
-                               "maximisers are re-evaluated against the full limit", "posint")  # fmt: skip
+    search_particles: int = _f(
+        128,
+        "particles of the cheap limit (Euler on the layer grid) the ascent runs on; "
+        "maximisers are re-evaluated against the full limit",
+        "posint",
+    )
     ascent_starts: int = _f(1, "ascent starts per point and seed in the first round (doubled each round)", "posint")
     ascent_steps: int = _f(2, "ascent steps in the first round (doubled each round)", "posint")
     ascent_step_size: float = _f(0.1, "ascent step, as a fraction of R", "pos")
@@ -104,8 +133,7 @@ class RatesConfig:
     precision: str = _f("float32", "float32 or float64", "choice:precision")
     # ---- execution only (a resumed run may change these)
     shard_seeds: bool = _f(True, "several devices: split the seeds over them", "bool")
-    shard_particles: bool = _f(True, "several devices: split the limit's particles over those the seeds leave",
-                               "bool")  # fmt: skip
+    shard_particles: bool = _f(True, "several devices: split the limit's particles over those the seeds leave", "bool")
 
     def spec(self) -> Attention:
         """The :class:`~mfattn.Attention` of the student and the limit."""
@@ -129,34 +157,47 @@ class RatesConfig:
             raise ValueError("rates config: attention: the limit needs the residual step 1/L (depth_exponent = 1).")
         lmax = math.lcm(*self.depths, *(p[0] for p in self.sweep_points))
         if lmax > 1024:
-            raise ValueError(f"rates config: depths: the limit is read at t = l / lcm(depths) and lcm = {lmax} > 1024; "
-                             "use depths that divide each other (powers of 2).")  # fmt: skip
+            raise ValueError(
+                f"rates config: depths: the limit is read at t = l / lcm(depths) and lcm = {lmax} > 1024; "
+                "use depths that divide each other (powers of 2)."
+            )
         if math.lcm(*self.control_depths) > 1024:
             raise ValueError("rates config: control_depths: lcm must be <= 1024 (use powers of 2).")
-        for name, pts in (("heads", self.points), ("sweep_points", self.sweep_points),
-                          ("control_heads", [(L, H) for L in self.control_depths for H in self.control_heads])):
+        for name, pts in (
+            ("heads", self.points),
+            ("sweep_points", self.sweep_points),
+            ("control_heads", [(L, H) for L in self.control_depths for H in self.control_heads]),
+        ):
             by_depth: dict = {}
             for L, H in pts:
                 by_depth.setdefault(L, []).append(H)
             for L, hs in by_depth.items():
                 if any(max(hs) % h for h in hs):
-                    raise ValueError(f"rates config: {name}: at depth {L} every head count must divide the largest "
-                                     f"({sorted(hs)}): the points of one depth share one program (powers of 2).")  # fmt: skip
+                    raise ValueError(
+                        f"rates config: {name}: at depth {L} every head count must divide the largest "
+                        f"({sorted(hs)}): the points of one depth share one program (powers of 2)."
+                    )
         if self.replicas < 4:
-            raise ValueError(f"rates config: replicas must be >= 4 (Monte-Carlo error from >= 4 sub-ensembles), "
-                             f"got {self.replicas}.")  # fmt: skip
+            raise ValueError(
+                f"rates config: replicas must be >= 4 (Monte-Carlo error from >= 4 sub-ensembles), got {self.replicas}."
+            )
         for name in ("particles", "control_particles"):
             if getattr(self, name) % self.replicas:
-                raise ValueError(f"rates config: {name} ({getattr(self, name)}) must be a multiple of replicas "
-                                 f"({self.replicas}).")  # fmt: skip
+                raise ValueError(
+                    f"rates config: {name} ({getattr(self, name)}) must be a multiple of replicas ({self.replicas})."
+                )
         if self.search_particles > self.particles // self.replicas:
-            raise ValueError(f"rates config: search_particles ({self.search_particles}) must be <= particles / "
-                             f"replicas ({self.particles // self.replicas}): the cheap limit is a subsample.")  # fmt: skip
+            raise ValueError(
+                f"rates config: search_particles ({self.search_particles}) must be <= particles / "
+                f"replicas ({self.particles // self.replicas}): the cheap limit is a subsample."
+            )
         if self.grid_size < 2:
             raise ValueError(f"rates config: grid_size must be >= 2, got {self.grid_size}.")
         if self.learning_rate * self.weight_decay > 1:
-            raise ValueError("rates config: learning_rate * weight_decay must be <= 1 (paper Lemma 26), got "
-                             f"{self.learning_rate * self.weight_decay:g}.")  # fmt: skip
+            raise ValueError(
+                "rates config: learning_rate * weight_decay must be <= 1 (paper Lemma 26), got "
+                f"{self.learning_rate * self.weight_decay:g}."
+            )
         if not self.b1 < math.sqrt(self.b2):
             raise ValueError(f"rates config: need b1 < sqrt(b2) (paper Lemma 43), got b1 = {self.b1}, b2 = {self.b2}.")
         return self
@@ -189,13 +230,20 @@ def _check(name: str, v, kind: str | None) -> None:
             bad("a list without repeats")
     elif kind == "pairs":
         ok = isinstance(v, (list, tuple)) and all(
-            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                                 and x >= 1 for x in p) for p in v)  # fmt: skip
+            isinstance(p, (list, tuple))
+            and len(p) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in p)
+            for p in v
+        )
         if not ok:
             bad("a list of [L, H] pairs of positive integers")
     elif kind is not None and kind.startswith("choice:"):
-        choices = {"task": TASKS, "optimizer": OPTIMIZERS, "precision": ("float32", "float64"),
-                   "init": ("xavier_uniform", "truncated_normal", "mean_noise")}[kind[7:]]  # fmt: skip
+        choices = {
+            "task": TASKS,
+            "optimizer": OPTIMIZERS,
+            "precision": ("float32", "float64"),
+            "init": ("xavier_uniform", "truncated_normal", "mean_noise"),
+        }[kind[7:]]
         if v not in choices:
             bad(f"one of {choices}")
     elif kind == "attention" and not isinstance(v, (str, dict)):
@@ -205,11 +253,24 @@ def _check(name: str, v, kind: str | None) -> None:
 #: ``--quick``: a smoke test of every stage in well under a minute (not a measurement: its control is not
 #: expected to pass).
 QUICK = {
-    "depths": [2, 4], "heads": [1, 4], "seeds": 4, "steps": 2, "batch_size": 2, "particles": 256, "grid_size": 3,
-    "solver_steps": 1, "control_depths": [4, 8], "control_heads": [1, 4], "control_particles": 512,
-    "control_inputs": 2, "test_inputs": 2, "candidates": 1, "search_particles": 32, "ascent_steps": 1,
+    "depths": [2, 4],
+    "heads": [1, 4],
+    "seeds": 4,
+    "steps": 2,
+    "batch_size": 2,
+    "particles": 256,
+    "grid_size": 3,
+    "solver_steps": 1,
+    "control_depths": [4, 8],
+    "control_heads": [1, 4],
+    "control_particles": 512,
+    "control_inputs": 2,
+    "test_inputs": 2,
+    "candidates": 1,
+    "search_particles": 32,
+    "ascent_steps": 1,
     "search_rounds": 1,
-}  # fmt: skip
+}
 
 
 def load_config(path: str | None = None, *, quick: bool = False, overrides: dict | None = None) -> RatesConfig:

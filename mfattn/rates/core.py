@@ -34,8 +34,19 @@ from ..params import Params
 from ..particles import adjoint, forward
 from ..train import batch_grad_map
 
-__all__ = ["Problem", "LimitState", "SeedState", "Errors", "train_step", "evaluate", "surrogate_values_and_grads",
-           "sign_fraction", "depth_spread", "param_gap", "stack"]  # fmt: skip
+__all__ = [
+    "Problem",
+    "LimitState",
+    "SeedState",
+    "Errors",
+    "train_step",
+    "evaluate",
+    "surrogate_values_and_grads",
+    "sign_fraction",
+    "depth_spread",
+    "param_gap",
+    "stack",
+]
 
 
 class Problem(eqx.Module):
@@ -53,15 +64,21 @@ class Problem(eqx.Module):
 
     def solve_kwargs(self) -> dict:
         if self.steps > 0:
-            return dict(solver=diffrax.Tsit5(), stepsize_controller=diffrax.ConstantStepSize(), dt0=1.0 / self.steps,
-                        max_steps=self.steps + 1, attention=self.spec)  # fmt: skip
+            return dict(
+                solver=diffrax.Tsit5(),
+                stepsize_controller=diffrax.ConstantStepSize(),
+                dt0=1.0 / self.steps,
+                max_steps=self.steps + 1,
+                attention=self.spec,
+            )
         return dict(rtol=self.rtol, atol=self.atol, attention=self.spec)
 
     def limit_paths(self, ens: Params, x, w, y, lmax: int):
         """One ensemble's tokens and adjoints at ``t_l = l / lmax``: two ``(lmax + 1, N, d)``."""
         ts = jnp.arange(lmax + 1, dtype=self.grid.dtype) / lmax
-        _, xs, ps = limit.forward_backward(ens, x, self.loss, beta=self.beta, ts=ts, weights=w, targets=y,
-                                           grid=self.grid, **self.solve_kwargs())  # fmt: skip
+        _, xs, ps = limit.forward_backward(
+            ens, x, self.loss, beta=self.beta, ts=ts, weights=w, targets=y, grid=self.grid, **self.solve_kwargs()
+        )
         return xs, ps
 
     def discrete_paths(self, params: Params, x, w, y):
@@ -127,13 +144,15 @@ def _point_errors(problem: Problem, discrete: tuple, x, w, y, xr, pr, lmax: int)
         xd, pd = jax.vmap(jax.vmap(lambda p: problem.discrete_paths(p, x, w, y)))(params)  # (S, G, L+1, N, d)
         ex, ep = _sq(xd, xl, w), _sq(pd, pl, w)
         tot = jnp.max(jnp.where(w > 0, jnp.sum((xd - xl) ** 2 + (pd - pl) ** 2, axis=-1), 0.0), axis=(-2, -1))
-        rep = jax.vmap(lambda a, b: jnp.max(jnp.where(w > 0, jnp.sum((xd - a) ** 2 + (pd - b) ** 2, axis=-1), 0.0),
-                                            axis=(-2, -1)))(xrl, prl)  # (R, S, G)  # fmt: skip
-        spread = jax.vmap(lambda a, b: jnp.max(jnp.where(w > 0, jnp.sum((a - xl) ** 2 + (b - pl) ** 2, axis=-1),
-                                                         0.0)))(xrl, prl)  # (R,)  # fmt: skip
+        rep = jax.vmap(
+            lambda a, b: jnp.max(jnp.where(w > 0, jnp.sum((xd - a) ** 2 + (pd - b) ** 2, axis=-1), 0.0), axis=(-2, -1))  # noqa: B023
+        )(xrl, prl)  # (R, S, G)
+        spread = jax.vmap(lambda a, b: jnp.max(jnp.where(w > 0, jnp.sum((a - xl) ** 2 + (b - pl) ** 2, axis=-1), 0.0)))(  # noqa: B023
+            xrl, prl
+        )  # (R,)
         mc = jnp.sqrt(jnp.sum(spread) / (num_rep * (num_rep - 1)))
         pn = jnp.sqrt(jnp.max(jnp.where(w > 0, jnp.sum(pl**2, axis=-1), 0.0)))
-        full = lambda v: jnp.full((G,), v)  # noqa: E731  (the limit's own numbers: the same for every H)
+        full = lambda v: jnp.full((G,), v)  # noqa: E731, B023  (the limit's own numbers: the same for every H)
         out.append((jnp.sqrt(tot), jnp.sqrt(ex), jnp.sqrt(ep), jnp.mean(rep, axis=0), full(pn), full(mc)))
     err, ex, ep, e2r, pn, mc = (jnp.concatenate(a, axis=-1) for a in zip(*out))  # (S, P) ... and (P,)
     return err, ex, ep, e2r, pn, mc
@@ -230,8 +249,17 @@ def train_step(problem: Problem, lim: LimitState, seeds: SeedState, optimizer, b
     coupled_flat = tuple(_flat_heads(c) for c in seeds.coupled)
 
     def limit_grads(ens):
-        return limit.batch_grad_map(ens, batch.tokens, batch.weights, batch.targets, problem.loss, beta=problem.beta,
-                                    grid=problem.grid, coupled=coupled_flat, **problem.solve_kwargs())  # fmt: skip
+        return limit.batch_grad_map(
+            ens,
+            batch.tokens,
+            batch.weights,
+            batch.targets,
+            problem.loss,
+            beta=problem.beta,
+            grid=problem.grid,
+            coupled=coupled_flat,
+            **problem.solve_kwargs(),
+        )
 
     lim_loss, g_ens, g_c = jax.vmap(limit_grads)(lim.ens)
     g_c = tuple(_unflat_heads(jax.tree.map(lambda a: jnp.mean(a, axis=0), g), c) for g, c in zip(g_c, seeds.coupled))
@@ -239,8 +267,15 @@ def train_step(problem: Problem, lim: LimitState, seeds: SeedState, optimizer, b
     ens = optax.apply_updates(lim.ens, upd)
 
     def disc_grads(p):
-        one = lambda q: batch_grad_map(q, batch.tokens, batch.weights, batch.targets, problem.loss,  # noqa: E731
-                                       beta=problem.beta, attention=problem.spec)  # fmt: skip
+        one = lambda q: batch_grad_map(
+            q,
+            batch.tokens,
+            batch.weights,
+            batch.targets,
+            problem.loss,  # noqa: E731
+            beta=problem.beta,
+            attention=problem.spec,
+        )
         return jax.vmap(jax.vmap(one))(p)
 
     update = jax.vmap(jax.vmap(optimizer.update))

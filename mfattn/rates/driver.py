@@ -75,23 +75,53 @@ def _dtype(cfg):
 def _task(cfg: RatesConfig, n: int, d: int):
     dtype = _dtype(cfg)
     if cfg.task == "target_measure":
-        return TargetMeasure(d, n, num_points=cfg.target_points, radius=cfg.radius, bandwidth=cfg.mmd_bandwidth,
-                             seed=int(jax.random.randint(_key(cfg, "task"), (), 0, 2**31 - 1)), dtype=dtype)  # fmt: skip
-    return TeacherStudent.random(_key(cfg, "task", n, d), dim=d, depth=cfg.teacher_depth, heads=cfg.teacher_heads,
-                                 head_dim=cfg.head_dim, beta=cfg.beta, num_tokens=n, radius=cfg.radius, dtype=dtype)  # fmt: skip
+        return TargetMeasure(
+            d,
+            n,
+            num_points=cfg.target_points,
+            radius=cfg.radius,
+            bandwidth=cfg.mmd_bandwidth,
+            seed=int(jax.random.randint(_key(cfg, "task"), (), 0, 2**31 - 1)),
+            dtype=dtype,
+        )
+    return TeacherStudent.random(
+        _key(cfg, "task", n, d),
+        dim=d,
+        depth=cfg.teacher_depth,
+        heads=cfg.teacher_heads,
+        head_dim=cfg.head_dim,
+        beta=cfg.beta,
+        num_tokens=n,
+        radius=cfg.radius,
+        dtype=dtype,
+    )
 
 
 def _problem(cfg: RatesConfig, task, grid_size: int, steps: int) -> core.Problem:
     dtype = _dtype(cfg)
-    return core.Problem(task, task.loss, jnp.asarray(cfg.beta, dtype), limit.uniform_grid(grid_size, dtype), steps,
-                        cfg.rtol, cfg.atol, cfg.spec())  # fmt: skip
+    return core.Problem(
+        task,
+        task.loss,
+        jnp.asarray(cfg.beta, dtype),
+        limit.uniform_grid(grid_size, dtype),
+        steps,
+        cfg.rtol,
+        cfg.atol,
+        cfg.spec(),
+    )
 
 
 def _replicas(cfg: RatesConfig, key, grid_size: int, particles: int, d: int) -> core.Params:
     per = particles // cfg.replicas
     keys = jax.random.split(key, cfg.replicas)
-    return core.stack([limit.init_ensemble(k, grid_size, per, d, cfg.head_dim, init=cfg.init, scale=cfg.init_scale,
-                                           dtype=_dtype(cfg)) for k in keys])  # fmt: skip
+    return core.stack(
+        [
+            limit.init_ensemble(
+                k, grid_size, per, d, cfg.head_dim, init=cfg.init, scale=cfg.init_scale, dtype=_dtype(cfg)
+            )
+            for k in keys
+        ]
+    )
 
 
 def depth_groups(points) -> list[tuple[int, tuple[int, ...]]]:
@@ -110,8 +140,16 @@ def _discrete(cfg: RatesConfig, seeds: list[int], points, d: int, tag: str) -> t
         hmax = max(hs)
 
         def draw(s, H, L=L, hmax=hmax):
-            p = init_params(_key(cfg, tag, s, L, H, d), L, H, d, cfg.head_dim, init=cfg.init, scale=cfg.init_scale,
-                            dtype=_dtype(cfg))  # fmt: skip
+            p = init_params(
+                _key(cfg, tag, s, L, H, d),
+                L,
+                H,
+                d,
+                cfg.head_dim,
+                init=cfg.init,
+                scale=cfg.init_scale,
+                dtype=_dtype(cfg),
+            )
             return jax.tree.map(lambda a: jnp.repeat(a, hmax // H, axis=1), p)
 
         out.append(core.stack([core.stack([draw(s, H) for H in hs]) for s in seeds]))
@@ -141,7 +179,7 @@ def _evaluate(problem, reps, discrete, xs, w, lmax, *, chunk: int, progress) -> 
         if n < chunk:
             part = np.concatenate([part, np.repeat(part[-1:], chunk - n, 0)])
         e = core.evaluate(problem, reps, discrete, jnp.asarray(part), w, lmax)
-        parts.append(jax.tree.map(lambda a: np.asarray(a)[..., :n], e))
+        parts.append(jax.tree.map(lambda a: np.asarray(a)[..., :n], e))  # noqa: B023
         if progress is not None:
             progress(n)
     return jax.tree.map(lambda *a: np.concatenate(a, axis=-1), *parts)
@@ -164,9 +202,18 @@ def run_control(cfg: RatesConfig, seeds: list[int], emit: Callable, progress=Non
     for p, (L, H) in enumerate(points):
         mc = float(np.sqrt(np.mean(e.mc[p] ** 2)))
         for si, s in enumerate(seeds):
-            emit({"depth": L, "heads": H, "seed": s, "pointwise_err": float(np.mean(e.err[si, p])),
-                  "err_x": float(np.mean(e.err_x[si, p])), "err_p": float(np.mean(e.err_p[si, p])),
-                  "pointwise_mc": mc, "reference_particles": cfg.control_particles})  # fmt: skip
+            emit(
+                {
+                    "depth": L,
+                    "heads": H,
+                    "seed": s,
+                    "pointwise_err": float(np.mean(e.err[si, p])),
+                    "err_x": float(np.mean(e.err_x[si, p])),
+                    "err_p": float(np.mean(e.err_p[si, p])),
+                    "pointwise_mc": mc,
+                    "reference_particles": cfg.control_particles,
+                }
+            )
 
 
 def mesh(cfg: RatesConfig, devices=None):
@@ -203,8 +250,14 @@ def _optimizer(cfg, name):
     return make(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def run_group(cfg: RatesConfig, group: Group, seeds: list[int], emit: Callable, emit_training: Callable,
-              progress: Callable | None = None) -> dict:  # fmt: skip
+def run_group(
+    cfg: RatesConfig,
+    group: Group,
+    seeds: list[int],
+    emit: Callable,
+    emit_training: Callable,
+    progress: Callable | None = None,
+) -> dict:
     """Train and evaluate one group; ``emit(row)`` per (point, seed), ``emit_training(row)`` per step. Returns the
     group's training diagnostics."""
     n, d = group.num_tokens, group.dim
@@ -236,10 +289,19 @@ def run_group(cfg: RatesConfig, group: Group, seeds: list[int], emit: Callable, 
         diag = jax.tree.map(np.asarray, diag)
         fr_lim.append(float(diag["limit_sign_fraction"]))
         fr_disc.append(float(diag["discrete_sign_fraction"]))
-        emit_training({"sweep": group.sweep, "optimizer": group.optimizer, "num_tokens": n, "dim": d, "step": step,
-                       "limit_loss": float(diag["limit_loss"]),
-                       "discrete_loss": float(np.mean(diag["discrete_loss"])),
-                       "limit_sign_fraction": fr_lim[-1], "discrete_sign_fraction": fr_disc[-1]})  # fmt: skip
+        emit_training(
+            {
+                "sweep": group.sweep,
+                "optimizer": group.optimizer,
+                "num_tokens": n,
+                "dim": d,
+                "step": step,
+                "limit_loss": float(diag["limit_loss"]),
+                "discrete_loss": float(np.mean(diag["discrete_loss"])),
+                "limit_sign_fraction": fr_lim[-1],
+                "discrete_sign_fraction": fr_disc[-1],
+            }
+        )
         if progress is not None:
             progress("train", 1)
         jax.block_until_ready(lim.ens)
@@ -250,16 +312,36 @@ def run_group(cfg: RatesConfig, group: Group, seeds: list[int], emit: Callable, 
     test, cand, labels = _inputs(cfg, task, n, d)
     # The test inputs are candidates of the supremum too (labelled "train"): uniform >= pointwise by construction.
     cand, labels = np.concatenate([test, cand]), np.concatenate([np.zeros(len(test), int), labels])
-    ev = lambda xs: _evaluate(problem, lim.ens, st.discrete, xs, w, lmax, chunk=4,  # noqa: E731
-                              progress=None if progress is None else (lambda k: progress("eval", k)))  # fmt: skip
+    ev = lambda xs: _evaluate(
+        problem,
+        lim.ens,
+        st.discrete,
+        xs,
+        w,
+        lmax,
+        chunk=4,  # noqa: E731
+        progress=None if progress is None else (lambda k: progress("eval", k)),
+    )
     e_cand = ev(cand)
     lap("candidate evaluation")
     e_test = jax.tree.map(lambda a: a[..., : len(test)], e_cand)
     sur = core.surrogate(lim.ens, cfg.search_particles, lmax, problem.grid)
-    res = sup_search(problem, sur, st.discrete, jnp.asarray(cand), e_cand.err, w, lmax, radius=cfg.radius,
-                     starts=cfg.ascent_starts, steps=cfg.ascent_steps, step_size=cfg.ascent_step_size,
-                     rounds=cfg.search_rounds, tol=cfg.search_tol,
-                     progress=None if progress is None else (lambda k: progress("search", k)))  # fmt: skip
+    res = sup_search(
+        problem,
+        sur,
+        st.discrete,
+        jnp.asarray(cand),
+        e_cand.err,
+        w,
+        lmax,
+        radius=cfg.radius,
+        starts=cfg.ascent_starts,
+        steps=cfg.ascent_steps,
+        step_size=cfg.ascent_step_size,
+        rounds=cfg.search_rounds,
+        tol=cfg.search_tol,
+        progress=None if progress is None else (lambda k: progress("search", k)),
+    )
     lap("search on the cheap limit")
     num_seeds, num_points = res.value.shape
     e_max = ev(res.argmax.reshape(num_seeds * num_points, *res.argmax.shape[2:]))  # (S, P, S P)
@@ -284,22 +366,35 @@ def run_group(cfg: RatesConfig, group: Group, seeds: list[int], emit: Callable, 
             x_w = res.argmax[si, p] if use_search else cand[ts_idx[si, p]]
             fam = FAMILIES[labels[res.start[si, p] if use_search else ts_idx[si, p]]]
             dists = np.linalg.norm(x_w[:, None] - x_w[None], axis=-1)
-            emit({
-                "sweep": group.sweep, "optimizer": group.optimizer, "depth": L, "heads": H, "num_tokens": n,
-                "dim": d, "seed": s, "step": cfg.steps,
-                "pointwise_err": float(np.mean(e_test.err[si, p])),
-                "pointwise_err_x": float(np.mean(e_test.err_x[si, p])),
-                "pointwise_err_p": float(np.mean(e_test.err_p[si, p])),
-                "p_norm": float(np.mean(e_test.p_norm[p])),
-                "pointwise_err_inf": float(np.mean(np.sqrt(np.maximum(e_inf2, 0.0)))),
-                "pointwise_mc": mc_pw,
-                "uniform_err": float(uni), "uniform_test_set": float(ts_val[si, p]),
-                "uniform_search": float(exact_max[si, p]), "uniform_source": "search" if use_search else "test_set",
-                "uniform_mc": float(mc_max[si, p] if use_search else ts_mc[si, p]),
-                "surrogate_value": float(res.value[si, p]), "search_gain": float(res.gain[si, p]),
-                "search_converged": int(res.converged[si, p]), "search_rounds": int(res.rounds[si, p]),
-                "worst_family": fam, "worst_norm": float(np.mean(np.linalg.norm(x_w, axis=-1))),
-                "worst_diameter": float(dists.max()),
-                "param_gap": float(gaps[si, p]),
-            })  # fmt: skip
+            emit(
+                {
+                    "sweep": group.sweep,
+                    "optimizer": group.optimizer,
+                    "depth": L,
+                    "heads": H,
+                    "num_tokens": n,
+                    "dim": d,
+                    "seed": s,
+                    "step": cfg.steps,
+                    "pointwise_err": float(np.mean(e_test.err[si, p])),
+                    "pointwise_err_x": float(np.mean(e_test.err_x[si, p])),
+                    "pointwise_err_p": float(np.mean(e_test.err_p[si, p])),
+                    "p_norm": float(np.mean(e_test.p_norm[p])),
+                    "pointwise_err_inf": float(np.mean(np.sqrt(np.maximum(e_inf2, 0.0)))),
+                    "pointwise_mc": mc_pw,
+                    "uniform_err": float(uni),
+                    "uniform_test_set": float(ts_val[si, p]),
+                    "uniform_search": float(exact_max[si, p]),
+                    "uniform_source": "search" if use_search else "test_set",
+                    "uniform_mc": float(mc_max[si, p] if use_search else ts_mc[si, p]),
+                    "surrogate_value": float(res.value[si, p]),
+                    "search_gain": float(res.gain[si, p]),
+                    "search_converged": int(res.converged[si, p]),
+                    "search_rounds": int(res.rounds[si, p]),
+                    "worst_family": fam,
+                    "worst_norm": float(np.mean(np.linalg.norm(x_w, axis=-1))),
+                    "worst_diameter": float(dists.max()),
+                    "param_gap": float(gaps[si, p]),
+                }
+            )
     return {"sign_fraction_limit": fr_lim, "sign_fraction_discrete": fr_disc, **spread, "timings_s": timings}

@@ -18,11 +18,28 @@ OUTPUTS = ("summary.json", "*.png", "control.csv", "training.csv", "diagnostics.
 
 RESULTS = (
     ["sweep", "optimizer", "depth", "heads", "num_tokens", "dim", "seed", "step"],
-    ["pointwise_err", "pointwise_err_x", "pointwise_err_p", "p_norm", "pointwise_err_inf", "pointwise_mc",
-     "uniform_err", "uniform_test_set", "uniform_search", "uniform_source", "uniform_mc", "surrogate_value",
-     "search_gain", "search_converged", "search_rounds", "worst_family", "worst_norm", "worst_diameter",
-     "param_gap"],
-)  # fmt: skip
+    [
+        "pointwise_err",
+        "pointwise_err_x",
+        "pointwise_err_p",
+        "p_norm",
+        "pointwise_err_inf",
+        "pointwise_mc",
+        "uniform_err",
+        "uniform_test_set",
+        "uniform_search",
+        "uniform_source",
+        "uniform_mc",
+        "surrogate_value",
+        "search_gain",
+        "search_converged",
+        "search_rounds",
+        "worst_family",
+        "worst_norm",
+        "worst_diameter",
+        "param_gap",
+    ],
+)
 CONTROL = (["depth", "heads", "seed"], ["pointwise_err", "err_x", "err_p", "pointwise_mc", "reference_particles"])
 TRAINING = (
     ["sweep", "optimizer", "num_tokens", "dim", "step"],
@@ -49,8 +66,10 @@ class Table:
             lines = text.splitlines(keepends=True)
             header = next(csv.reader([lines[0]])) if lines else []
             if header != self.columns:
-                raise ValueError(f"rates: {path} has columns {header}, expected {self.columns}; it is not from this "
-                                 "version's run. Use another --out.")  # fmt: skip
+                raise ValueError(
+                    f"rates: {path} has columns {header}, expected {self.columns}; it is not from this "
+                    "version's run. Use another --out."
+                )
             good = [lines[0]]
             for i, line in enumerate(lines[1:]):
                 fields = next(csv.reader([line]), [])
@@ -105,9 +124,16 @@ def identity(cfg: RatesConfig) -> dict:
 def folder(cfg: RatesConfig, out_dir: str) -> RunFolder:
     """The run folder (:class:`mfattn.runfolder.RunFolder`: path checks, lock, identity, ``results.csv``); the
     other tables and outputs live beside ``results.csv`` under its lock."""
-    return RunFolder(out_dir, dataclasses.asdict(cfg), columns=RESULTS[0] + RESULTS[1], key_columns=RESULTS[0],
-                     execution_only=EXECUTION_ONLY, defaults=dataclasses.asdict(RatesConfig()), who="rates",
-                     outputs=OUTPUTS)  # fmt: skip
+    return RunFolder(
+        out_dir,
+        dataclasses.asdict(cfg),
+        columns=RESULTS[0] + RESULTS[1],
+        key_columns=RESULTS[0],
+        execution_only=EXECUTION_ONLY,
+        defaults=dataclasses.asdict(RatesConfig()),
+        who="rates",
+        outputs=OUTPUTS,
+    )
 
 
 def check_folder(cfg: RatesConfig, out_dir: str) -> None:

@@ -49,13 +49,22 @@ def _panel(ax, pts, E, left_out, fb, x_axis: str, title: str, ylabel: str):
         (line,) = ax.plot(xs, ys, "-", lw=1, label=f"${'H' if x_axis == 'L' else 'L'}={g}$")
         for i, x, y in zip(idx, xs, ys):
             hollow = tuple(pts[i]) in out
-            ax.plot([x], [y], "o", ms=4, color=line.get_color(), mfc="none" if hollow else line.get_color(),
-                    label=None if (not hollow or labelled_out) else "left out of the fit")  # fmt: skip
+            ax.plot(
+                [x],
+                [y],
+                "o",
+                ms=4,
+                color=line.get_color(),
+                mfc="none" if hollow else line.get_color(),
+                label=None if (not hollow or labelled_out) else "left out of the fit",
+            )
             labelled_out |= hollow
         if "alpha" in fb:
             L = xs if x_axis == "L" else np.full_like(xs, g)
             H = np.full_like(xs, g) if x_axis == "L" else xs
-            ax.plot(xs, _model(fb, L, H), "--", lw=0.8, color=line.get_color(), label=_fit_label(fb) if gi == 0 else None)
+            ax.plot(
+                xs, _model(fb, L, H), "--", lw=0.8, color=line.get_color(), label=_fit_label(fb) if gi == 0 else None
+            )
     ax.set_title(title, fontsize=8)
     _axes(ax, [p[other] for p in pts], f"${x_axis}$", ylabel)
 
@@ -81,22 +90,46 @@ def plot_all(cfg, rows: dict, summary: dict, out_dir: str) -> list[str]:
             cpts = [(L, H) for L in cfg.control_depths for H in cfg.control_heads]
             E, _ = stats.matrix(rows["control"], "pointwise_err", cpts)
             verdict = "passed" if pc.get("passed") else "FAILED"
-            _panel(axs[0], cpts, E, pc.get("fit", {}).get("left_out", []), pc.get("fit", {}), x_axis,
-                   f"step 0 (positive control, {verdict})", r"pointwise error, rms over seeds")  # fmt: skip
+            _panel(
+                axs[0],
+                cpts,
+                E,
+                pc.get("fit", {}).get("left_out", []),
+                pc.get("fit", {}),
+                x_axis,
+                f"step 0 (positive control, {verdict})",
+                r"pointwise error, rms over seeds",
+            )
             col = 1
         if res:
             for kind, ylabel in (("pointwise", "pointwise error"), ("uniform", r"uniform error $\sup_x$")):
                 E, _ = stats.matrix(res, f"{kind}_err", pts)
-                _panel(axs[col], pts, E, fits[kind].get("left_out", []), fits[kind], x_axis,
-                       f"step {cfg.steps}: {kind}", ylabel)  # fmt: skip
+                _panel(
+                    axs[col],
+                    pts,
+                    E,
+                    fits[kind].get("left_out", []),
+                    fits[kind],
+                    x_axis,
+                    f"step {cfg.steps}: {kind}",
+                    ylabel,
+                )
                 col += 1
         paths.append(_save(fig, os.path.join(out_dir, f"err_vs_{x_axis}.png")))
     if res:
         fig = Figure(figsize=(4, 3.4))
         ax = fig.subplots()
         E, _ = stats.matrix(res, "param_gap", pts)
-        _panel(ax, pts, E, [], fits["param_gap"], "L", "Lemma 6's parameter gap",
-               r"$\max_{l,h}\,|\theta_{l,h}-\bar\theta_{l,h}|$")  # fmt: skip
+        _panel(
+            ax,
+            pts,
+            E,
+            [],
+            fits["param_gap"],
+            "L",
+            "Lemma 6's parameter gap",
+            r"$\max_{l,h}\,|\theta_{l,h}-\bar\theta_{l,h}|$",
+        )
         paths.append(_save(fig, os.path.join(out_dir, "param_gap.png")))
         tr = summary.get("theorem_ratio", {})
         if "per_point" in tr:

@@ -28,8 +28,24 @@ class SearchResult(NamedTuple):
     candidate_value: np.ndarray
 
 
-def sup_search(problem, sur, discrete, candidates, exact_errs, w, lmax: int, *, radius: float, starts: int,
-               steps: int, step_size: float, rounds: int, tol: float, chunk: int = 256, progress=None) -> SearchResult:  # fmt: skip
+def sup_search(
+    problem,
+    sur,
+    discrete,
+    candidates,
+    exact_errs,
+    w,
+    lmax: int,
+    *,
+    radius: float,
+    starts: int,
+    steps: int,
+    step_size: float,
+    rounds: int,
+    tol: float,
+    chunk: int = 256,
+    progress=None,
+) -> SearchResult:
     """Round ``r = 0, 1, ...`` climbs from the ``starts 2^r`` worst candidates of each (seed, point) (ranked by the
     exact errors ``exact_errs``, ``(S, P, C)``) for ``steps 2^r`` steps on the surrogate ``sur``; the estimate is the
     best surrogate value so far (the candidates' included). A (seed, point) stops at the first round whose gain
@@ -57,7 +73,7 @@ def sup_search(problem, sur, discrete, candidates, exact_errs, w, lmax: int, *, 
         for lo in range(0, x0.shape[0], chunk):  # bounded memory; the last chunk padded to one compiled shape
             sl = slice(lo, lo + chunk)
             n = x0[sl].shape[0]
-            pad = lambda a: np.concatenate([a, np.repeat(a[-1:], chunk - n, 0)]) if n < chunk else a  # noqa: E731
+            pad = lambda a: np.concatenate([a, np.repeat(a[-1:], chunk - n, 0)]) if n < chunk else a  # noqa: E731, B023
             r_, i_, z = jnp.asarray(pad(rows[sl])), jnp.asarray(pad(idx[sl])), jnp.asarray(pad(x0[sl]))
 
             def vg(x, r_=r_, i_=i_):
@@ -73,7 +89,9 @@ def sup_search(problem, sur, discrete, candidates, exact_errs, w, lmax: int, *, 
         improved = rmax > best
         new = np.where(improved, rmax, best)
         g = new / best - 1.0
-        best_x = np.where(improved[..., None, None], np.take_along_axis(xb, j[..., None, None, None], 2)[:, :, 0], best_x)
+        best_x = np.where(
+            improved[..., None, None], np.take_along_axis(xb, j[..., None, None, None], 2)[:, :, 0], best_x
+        )
         start = np.where(improved, np.take_along_axis(order, j[..., None], -1)[..., 0], start)
         best = new
         live = ~done

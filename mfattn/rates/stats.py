@@ -8,7 +8,7 @@ seed count used.
 * Points are left out of a fit when saturated (error ``>= R``, or ``L H <= 4``) or Monte-Carlo flagged (the limit's
   own error above ``mc_ratio`` times the point's error); the summary lists them.
 * Intervals: with ``>= 16`` seeds the percentile bootstrap over seeds (seeds resampled with replacement, the fit
-  redone; 1000 resamples); with fewer, the delete-one jackknife over seeds with a Student-t quantile. The method is
+  redone; 500 resamples); with fewer, the delete-one jackknife over seeds with a Student-t quantile. The method is
   named in each block.
 """
 
@@ -26,7 +26,7 @@ __all__ = ["matrix", "fit_errors", "control_summary", "theorem_ratio", "sweep_sl
 
 THEOREM = (1.0 / 3.0, 0.5)
 POINTWISE = (0.5, 0.5)
-BOOT = 1000
+BOOT = 500
 LEVEL = 0.95
 
 
@@ -68,8 +68,10 @@ def _interval(stat: Callable[[np.ndarray], dict], E: np.ndarray, seed: int = 0) 
             for k in names:
                 samples[k].append(v[k])
         lo, hi = (1 - LEVEL) / 2 * 100, (1 + LEVEL) / 2 * 100
-        return {k: [float(np.nanpercentile(s, lo)), float(np.nanpercentile(s, hi))] if s else [None, None]
-                for k, s in samples.items()}  # fmt: skip
+        return {
+            k: [float(np.nanpercentile(s, lo)), float(np.nanpercentile(s, hi))] if s else [None, None]
+            for k, s in samples.items()
+        }
     if S < 3:
         return {k: [None, None] for k in names}
     full = stat(E)
@@ -91,8 +93,13 @@ def _power_fit(L, H, e) -> dict:
     A = np.stack([np.ones_like(L), -np.log(L), -np.log(H)], axis=1)
     coef, *_ = np.linalg.lstsq(A, np.log(e), rcond=None)
     res = A @ coef - np.log(e)
-    return {"a": 0.0, "b": float(np.exp(coef[0])), "alpha": float(coef[1]), "gamma": float(coef[2]),
-            "rmse_log": float(np.sqrt(np.mean(res**2)))}  # fmt: skip
+    return {
+        "a": 0.0,
+        "b": float(np.exp(coef[0])),
+        "alpha": float(coef[1]),
+        "gamma": float(coef[2]),
+        "rmse_log": float(np.sqrt(np.mean(res**2))),
+    }
 
 
 def _a_share(fit, L, H) -> float:
@@ -100,11 +107,11 @@ def _a_share(fit, L, H) -> float:
     return float(np.max(t1 / (t1 + fit["b"] * L ** -fit["alpha"] * H ** -fit["gamma"])))
 
 
-def _fit(L, H, E) -> dict:
+def _fit(L, H, E, starts=None) -> dict:
     e = rms(E)
     if len(np.unique(L)) < 2 or len(np.unique(H)) < 2 or e.size < 4:
         raise ValueError("too few points to fit")
-    two = fit_rate(L, H, e)
+    two = fit_rate(L, H, e, starts=starts)  # resamples start from the full fit's exponents (warm start)
     if _a_share(two, L, H) < 0.05:
         out = _power_fit(L, H, e)
         out["model"] = "b L^-alpha H^-gamma (a not identified)"
@@ -140,18 +147,29 @@ def fit_errors(points, E, *, radius: float, mc_ratio: float, mc_ratio_per_point=
     L = np.array([points[i][0] for i in keep], float)
     H = np.array([points[i][1] for i in keep], float)
     Ek = E[keep]
-    out = {"seeds": int(E.shape[1]), "method": interval_method(E.shape[1]), "points_used": len(keep),
-           "left_out": left_out}  # fmt: skip
+    out = {
+        "seeds": int(E.shape[1]),
+        "method": interval_method(E.shape[1]),
+        "points_used": len(keep),
+        "left_out": left_out,
+    }
     try:
         f = _fit(L, H, Ek)
     except ValueError as e:
         return {**out, "error": str(e)}
-    ci = _interval(lambda X: {k: _fit(L, H, X)[k] for k in ("alpha", "gamma")}, Ek)
+    warm = [(f["alpha"], f["gamma"])]
+    ci = _interval(lambda X: {k: _fit(L, H, X, warm)[k] for k in ("alpha", "gamma")}, Ek)
     fixed = {}
     for name, (al, ga) in (("theorem", THEOREM), ("pointwise", POINTWISE)):
         fixed[name] = fit_rate(L, H, rms(Ek), alpha=al, gamma=ga)["rmse_log"]
-    return {**out, **f, "alpha_ci": ci["alpha"], "gamma_ci": ci["gamma"], "a_identified": f["a"] > 0,
-            "rmse_log_fixed": fixed}  # fmt: skip
+    return {
+        **out,
+        **f,
+        "alpha_ci": ci["alpha"],
+        "gamma_ci": ci["gamma"],
+        "a_identified": f["a"] > 0,
+        "rmse_log_fixed": fixed,
+    }
 
 
 def control_summary(points, E, *, radius: float, mc_ratio: float, mc_ratio_per_point, reference_particles: int):
@@ -165,8 +183,8 @@ def control_summary(points, E, *, radius: float, mc_ratio: float, mc_ratio_per_p
 
     def diff(X):
         e = rms(X)
-        th = fit_rate(L, H, e, alpha=THEOREM[0], gamma=THEOREM[1])["rmse_log"]
-        pw = fit_rate(L, H, e, alpha=POINTWISE[0], gamma=POINTWISE[1])["rmse_log"]
+        th = fit_rate(L, H, e, alpha=THEOREM[0], gamma=THEOREM[1], starts=[THEOREM])["rmse_log"]
+        pw = fit_rate(L, H, e, alpha=POINTWISE[0], gamma=POINTWISE[1], starts=[POINTWISE])["rmse_log"]
         return {"d": th - pw}
 
     if "error" in f:
@@ -185,10 +203,19 @@ def control_summary(points, E, *, radius: float, mc_ratio: float, mc_ratio_per_p
     why = [] if contains else [f"gamma interval {g_ci} excludes 1/2"]
     if not preferred.startswith("pointwise"):
         why.append(f"preferred model: {preferred}")
-    return {"passed": passed, "why": "; ".join(why) or "gamma interval contains 1/2 and (1/2, 1/2) is preferred",
-            "gamma": f["gamma"], "gamma_ci": g_ci, "alpha": f["alpha"], "alpha_ci": f["alpha_ci"],
-            "preferred": preferred, "rmse_log_difference": d, "rmse_log_difference_ci": d_ci,
-            "reference_particles": reference_particles, "fit": f}  # fmt: skip
+    return {
+        "passed": passed,
+        "why": "; ".join(why) or "gamma interval contains 1/2 and (1/2, 1/2) is preferred",
+        "gamma": f["gamma"],
+        "gamma_ci": g_ci,
+        "alpha": f["alpha"],
+        "alpha_ci": f["alpha_ci"],
+        "preferred": preferred,
+        "rmse_log_difference": d,
+        "rmse_log_difference_ci": d_ci,
+        "reference_particles": reference_particles,
+        "fit": f,
+    }
 
 
 def theorem_ratio(points, E) -> dict:
@@ -210,9 +237,13 @@ def theorem_ratio(points, E) -> dict:
         return {"error": "needs 2 depths and 2 head counts"}
     s = stat(E)
     ci = _interval(stat, E)
-    return {**s, "max_ci": ci["max"], "slope_L_ci": ci["slope_L"], "slope_H_ci": ci["slope_H"],
-            "per_point": [{"depth": int(a), "heads": int(b), "ratio": float(v)}
-                          for a, b, v in zip(L, H, rms(E) / bound)]}  # fmt: skip
+    return {
+        **s,
+        "max_ci": ci["max"],
+        "slope_L_ci": ci["slope_L"],
+        "slope_H_ci": ci["slope_H"],
+        "per_point": [{"depth": int(a), "heads": int(b), "ratio": float(v)} for a, b, v in zip(L, H, rms(E) / bound)],
+    }
 
 
 def sweep_slopes(values: list, E: np.ndarray) -> dict:
@@ -225,5 +256,10 @@ def sweep_slopes(values: list, E: np.ndarray) -> dict:
 
     if len(values) < 2 or not np.all(np.isfinite(E)):
         return {"error": "needs 2 values with every seed"}
-    return {"slope": stat(E)["slope"], "slope_ci": _interval(stat, E)["slope"], "method": interval_method(E.shape[1]),
-            "values": list(values), "rms_err": [float(v) for v in rms(E)]}  # fmt: skip
+    return {
+        "slope": stat(E)["slope"],
+        "slope_ci": _interval(stat, E)["slope"],
+        "method": interval_method(E.shape[1]),
+        "values": list(values),
+        "rms_err": [float(v) for v in rms(E)],
+    }
