@@ -665,7 +665,7 @@ def bench_rates(ctx: _Ctx) -> dict:
     rss0 = _rss_bytes()
     with tempfile.TemporaryDirectory(prefix="mfattn-bench-rates-") as tmp:
         t0 = time.perf_counter()
-        summary = rates.run(cfg, tmp, progress=False)
+        summary = rates.run(cfg, tmp)
         elapsed = time.perf_counter() - t0
     row = {
         "case": "rates quick" if ctx.quick else "rates default",

@@ -211,7 +211,8 @@ class RunFolder:
         self._check_scan(scan, accepted)
 
     def _check_contents(self) -> None:
-        names = [n for n in os.listdir(self.path) if n != LOCK_NAME]
+        # files being written atomically (*.tmp) do not make a folder foreign
+        names = [n for n in os.listdir(self.path) if n != LOCK_NAME and not n.endswith(".tmp")]
         ours = {os.path.basename(self.csv_path), os.path.basename(self.config_path)}
         if names and not ours & set(names):
             foreign = sorted(n for n in names if not any(fnmatch.fnmatch(n, p) for p in self.outputs))

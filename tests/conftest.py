@@ -55,12 +55,12 @@ def rates_quick_run(tmp_path_factory, worker_id):
     cfg = load_config(quick=True)
     if worker_id == "master":
         out = str(tmp_path_factory.mktemp("rates") / "quick")
-        return cfg, out, run(cfg, out, progress=False)
+        return cfg, out, run(cfg, out)
     root = tmp_path_factory.getbasetemp().parent  # shared by the workers of this session
     out = str(root / "rates-quick")
     with open(root / "rates-quick.lock", "w") as lock:
         _lock(lock)
-        return cfg, out, run(cfg, out, progress=False)
+        return cfg, out, run(cfg, out)
 
 
 def _lock(f):

@@ -188,6 +188,9 @@ def report(out_dir: str) -> dict:
     diag_path = os.path.join(out_dir, "diagnostics.json")
     diagnostics = json.load(open(diag_path)) if os.path.exists(diag_path) else {}
     summary = summarize(cfg, rows, diagnostics)
+    summary["timings_s"] = {k: v.get("timings_s", {}) for k, v in diagnostics.items()}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(_jsonable(summary), f, indent=2)
     from . import plots
 
     summary["plots"] = plots.plot_all(cfg, rows, summary, out_dir)
@@ -224,6 +227,32 @@ def summarize(cfg: RatesConfig, rows: dict, diagnostics: dict) -> dict:
         ]
     else:
         out["positive_control"] = {"passed": None, "why": "control = false"}
+    lh = diagnostics.get(f"LH/{cfg.optimizer}/{cfg.num_tokens}/{cfg.dim}", {})
+    train_rows = [r for r in rows["training"] if r["sweep"] == "LH"]
+    signs = [(float(r["limit_sign_fraction"]), float(r["discrete_sign_fraction"])) for r in train_rows]
+    out["training"] = {
+        "steps": cfg.steps,
+        "steps_recorded": len(train_rows),
+        "sign_fraction": {
+            "limit": float(np.mean([a for a, _ in signs])) if signs else None,
+            "discrete": float(np.mean([b for _, b in signs])) if signs else None,
+        },
+        "depth_spread": lh.get("depth_spread"),
+        "translation_share": lh.get("translation_share"),
+        "rms_displacement": lh.get("rms_displacement"),
+        "loss": {
+            "limit": [float(r["limit_loss"]) for r in train_rows],
+            "discrete": [float(r["discrete_loss"]) for r in train_rows],
+        },
+        "p_norm_mean": float(np.mean([float(r["p_norm"]) for r in res])) if res else None,
+    }
+    if not res:  # the run stopped before its evaluation (or has not reached it yet)
+        out["note"] = "no trained-model rows in this folder: the run stopped before evaluating the trained models"
+        out["monte_carlo"] = {"particles": cfg.particles, "replicas": cfg.replicas, "estimate": None,
+                              "max_ratio": None, "flagged": [], "threshold": cfg.mc_ratio}  # fmt: skip
+        out["sup_search"] = {"final_gain": None, "converged": None, "tol": cfg.search_tol}
+        out["fits"], out["theorem_ratio"] = {}, {}
+        return out
     # ---- errors at the final step
     E_pw = _points_rms(res, "pointwise_err", pts)
     E_un = _points_rms(res, "uniform_err", pts)
@@ -299,23 +328,6 @@ def summarize(cfg: RatesConfig, rows: dict, diagnostics: dict) -> dict:
         if res
         else None,
     }
-    lh = diagnostics.get(f"LH/{cfg.optimizer}/{cfg.num_tokens}/{cfg.dim}", {})
-    train_rows = [r for r in rows["training"] if r["sweep"] == "LH"]
-    out["training"] = {
-        "steps": cfg.steps,
-        "sign_fraction": {
-            "limit": float(np.mean(lh.get("sign_fraction_limit", [np.nan]))),
-            "discrete": float(np.mean(lh.get("sign_fraction_discrete", [np.nan]))),
-        },
-        "depth_spread": lh.get("depth_spread"),
-        "translation_share": lh.get("translation_share"),
-        "rms_displacement": lh.get("rms_displacement"),
-        "loss": {
-            "limit": [float(r["limit_loss"]) for r in train_rows],
-            "discrete": [float(r["discrete_loss"]) for r in train_rows],
-        },
-        "p_norm_mean": float(np.mean([float(r["p_norm"]) for r in res])) if res else None,
-    }
     out["fits"] = fits
     out["theorem_ratio"] = stats.theorem_ratio(pts, E_un) if res else {}
     # ---- N and d sweeps
@@ -382,6 +394,10 @@ def _ci(block, name):
     return f"{v:.2f}"
 
 
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def table(cfg: RatesConfig, rows: list, summary: dict) -> str:
     """The printed report: the control's verdict first, then one line per point (rms over seeds), then the fits."""
     lines = []
@@ -445,8 +461,8 @@ def table(cfg: RatesConfig, rows: list, summary: dict) -> str:
         )
     lines.append(
         f"training: {trn['steps']} steps; fraction of Adam directions at the sign bound "
-        f"{trn['sign_fraction']['limit']:.2f} (limit), {trn['sign_fraction']['discrete']:.2f} (discrete); "
-        f"depth spread of the limit's displacement {trn['depth_spread'] or float('nan'):.2f}"
+        f"{_num(trn['sign_fraction']['limit'])} (limit), {_num(trn['sign_fraction']['discrete'])} (discrete); "
+        f"depth spread of the limit's displacement {_num(trn['depth_spread'])}"
     )
     for sweep in ("N", "d"):
         for name, b in summary["fits"].get(sweep, {}).items():

@@ -126,10 +126,20 @@ def stack(trees: list):
     return jax.tree.map(lambda *a: jnp.stack(a), *trees)
 
 
+def _masked(sq, w):
+    """``sq`` with the entries of zero-mass tokens (the last axis) set to 0 (explicit broadcasting)."""
+    return jnp.where(jnp.broadcast_to(w > 0, sq.shape), sq, 0.0)
+
+
+def _d2(a, b):
+    """``sum over coordinates of (a - b)^2``, ``b`` broadcast to ``a``'s leading axes."""
+    return jnp.sum((a - jnp.broadcast_to(b, a.shape)) ** 2, axis=-1)
+
+
 def _sq(a, b, w):
     """``max_l max_{i live} |a_i^l - b_i^l|^2`` (the last axis is the token's coordinates)."""
-    sq = jnp.sum((a - b) ** 2, axis=-1)
-    return jnp.max(jnp.where(w > 0, sq, 0.0), axis=(-2, -1))
+    sq = _d2(a, b)
+    return jnp.max(_masked(sq, w), axis=(-2, -1))
 
 
 def _point_errors(problem: Problem, discrete: tuple, x, w, y, xr, pr, lmax: int):
@@ -143,15 +153,15 @@ def _point_errors(problem: Problem, discrete: tuple, x, w, y, xr, pr, lmax: int)
         xl, pl, xrl, prl = xbar[::stride], pbar[::stride], xr[:, ::stride], pr[:, ::stride]
         xd, pd = jax.vmap(jax.vmap(lambda p: problem.discrete_paths(p, x, w, y)))(params)  # (S, G, L+1, N, d)
         ex, ep = _sq(xd, xl, w), _sq(pd, pl, w)
-        tot = jnp.max(jnp.where(w > 0, jnp.sum((xd - xl) ** 2 + (pd - pl) ** 2, axis=-1), 0.0), axis=(-2, -1))
+        tot = jnp.max(_masked(_d2(xd, xl) + _d2(pd, pl), w), axis=(-2, -1))
         rep = jax.vmap(
-            lambda a, b: jnp.max(jnp.where(w > 0, jnp.sum((xd - a) ** 2 + (pd - b) ** 2, axis=-1), 0.0), axis=(-2, -1))  # noqa: B023
+            lambda a, b: jnp.max(_masked(_d2(xd, a) + _d2(pd, b), w), axis=(-2, -1))  # noqa: B023
         )(xrl, prl)  # (R, S, G)
-        spread = jax.vmap(lambda a, b: jnp.max(jnp.where(w > 0, jnp.sum((a - xl) ** 2 + (b - pl) ** 2, axis=-1), 0.0)))(  # noqa: B023
+        spread = jax.vmap(lambda a, b: jnp.max(_masked(_d2(a, xl) + _d2(b, pl), w)))(  # noqa: B023
             xrl, prl
         )  # (R,)
         mc = jnp.sqrt(jnp.sum(spread) / (num_rep * (num_rep - 1)))
-        pn = jnp.sqrt(jnp.max(jnp.where(w > 0, jnp.sum(pl**2, axis=-1), 0.0)))
+        pn = jnp.sqrt(jnp.max(_masked(jnp.sum(pl**2, axis=-1), w)))
         full = lambda v: jnp.full((G,), v)  # noqa: E731, B023  (the limit's own numbers: the same for every H)
         out.append((jnp.sqrt(tot), jnp.sqrt(ex), jnp.sqrt(ep), jnp.mean(rep, axis=0), full(pn), full(mc)))
     err, ex, ep, e2r, pn, mc = (jnp.concatenate(a, axis=-1) for a in zip(*out))  # (S, P) ... and (P,)
@@ -193,8 +203,8 @@ def surrogate_values_and_grads(problem: Problem, sur: Params, discrete: tuple, x
         for params in mine:  # (G, L, H_max, d, k)
             stride = lmax // params.wq.shape[1]
             xd, pd = jax.vmap(lambda p: problem.discrete_paths(p, x, w, y))(params)
-            sq = jnp.sum((xd - xl[::stride]) ** 2 + (pd - pl[::stride]) ** 2, axis=-1)
-            vals.append(jnp.sqrt(jnp.max(jnp.where(w > 0, sq, 0.0), axis=(-2, -1))))
+            sq = _d2(xd, xl[::stride]) + _d2(pd, pl[::stride])
+            vals.append(jnp.sqrt(jnp.max(_masked(sq, w), axis=(-2, -1))))
         return jnp.concatenate(vals)[i]
 
     return jax.vmap(jax.value_and_grad(err))(xs, rows, idx)
@@ -211,8 +221,8 @@ def surrogate_values(problem: Problem, sur: Params, discrete: tuple, xs, w, lmax
         for params in discrete:
             stride = lmax // params.wq.shape[2]
             xd, pd = jax.vmap(jax.vmap(lambda p: problem.discrete_paths(p, x, w, y)))(params)
-            sq = jnp.sum((xd - xl[::stride]) ** 2 + (pd - pl[::stride]) ** 2, axis=-1)
-            vals.append(jnp.sqrt(jnp.max(jnp.where(w > 0, sq, 0.0), axis=(-2, -1))))
+            sq = _d2(xd, xl[::stride]) + _d2(pd, pl[::stride])
+            vals.append(jnp.sqrt(jnp.max(_masked(sq, w), axis=(-2, -1))))
         return jnp.concatenate(vals, axis=-1)  # (S, P)
 
     return jnp.moveaxis(jax.lax.map(one, xs), 0, -1)

@@ -82,9 +82,11 @@ def plot_all(cfg, rows: dict, summary: dict, out_dir: str) -> list[str]:
     pc = summary.get("positive_control", {})
     fits = summary["fits"]
     for x_axis in ("L", "H"):
-        ncol = 3 if rows["control"] else 2
+        ncol = (1 if rows["control"] else 0) + (2 if res else 0)
+        if ncol == 0:
+            continue
         fig = Figure(figsize=(4 * ncol, 3.4))
-        axs = fig.subplots(1, ncol)
+        axs = np.atleast_1d(fig.subplots(1, ncol))
         col = 0
         if rows["control"]:
             cpts = [(L, H) for L in cfg.control_depths for H in cfg.control_heads]

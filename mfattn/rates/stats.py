@@ -200,7 +200,10 @@ def control_summary(points, E, *, radius: float, mc_ratio: float, mc_ratio_per_p
     g_ci = f["gamma_ci"]
     contains = g_ci[0] is not None and g_ci[0] <= 0.5 <= g_ci[1]
     passed = bool(contains and preferred.startswith("pointwise"))
-    why = [] if contains else [f"gamma interval {g_ci} excludes 1/2"]
+    if g_ci[0] is None:
+        why = ["no gamma interval (fewer than 3 seeds)"]
+    else:
+        why = [] if contains else [f"gamma interval [{g_ci[0]:.2f}, {g_ci[1]:.2f}] excludes 1/2"]
     if not preferred.startswith("pointwise"):
         why.append(f"preferred model: {preferred}")
     return {
