@@ -188,7 +188,8 @@ def control_summary(points, E, *, radius: float, mc_ratio: float, mc_ratio_per_p
         return {"d": th - pw}
 
     if "error" in f:
-        return {"passed": False, "why": f["error"], "reference_particles": reference_particles, **f}
+        none = {"gamma": None, "gamma_ci": [None, None], "alpha": None, "alpha_ci": [None, None], "preferred": None}
+        return {"passed": False, "why": f["error"], "reference_particles": reference_particles, **none, "fit": f}
     d = diff(E[keep])["d"]
     d_ci = _interval(diff, E[keep])["d"]
     if d_ci[0] is not None and d_ci[0] > 0:
