@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mfattn import rates
+from mfattn import limit, rates
+from mfattn.fits import fit_rate
 from mfattn.rates import core, driver, stats
 from mfattn.rates.config import RatesConfig, load_config, print_config
 
@@ -69,9 +70,11 @@ def test_shipped_study_configuration_is_valid():
 
 
 def _synthetic(a, b, alpha, gamma, seeds, noise, rng, points):
+    """Errors of the quadrature model ``sqrt((a/L)^2 + (b L^-alpha H^-gamma)^2)`` with log-normal seed noise."""
     L = np.array([p[0] for p in points], float)[:, None]
     H = np.array([p[1] for p in points], float)[:, None]
-    return (a / L + b * L**-alpha * H**-gamma) * np.exp(noise * rng.standard_normal((len(points), seeds)))
+    m = np.sqrt((a / L) ** 2 + (b * L**-alpha * H**-gamma) ** 2)
+    return m * np.exp(noise * rng.standard_normal((len(points), seeds)))
 
 
 POINTS = [(L, H) for L in (8, 16, 32, 64) for H in (1, 4, 16, 64)]
@@ -114,14 +117,54 @@ def test_saturated_and_flagged_points_are_left_out_and_named():
     assert f["points_used"] == len(pts) - len(why)
 
 
+def _control(E_fluct, E, euler=None):
+    euler = np.array([3.0 / p[0] for p in POINTS]) if euler is None else euler
+    return stats.control_summary(POINTS, E, E_fluct=E_fluct, euler=euler, radius=10.0, mc_ratio=0.3,
+                                 mc_ratio_per_point=np.zeros(16), fluct_mc_ratio_per_point=np.zeros(16),
+                                 reference_particles=1)  # fmt: skip
+
+
 def test_control_passes_on_the_clt_law_and_fails_on_the_theorem_rate():
     rng = np.random.default_rng(4)
-    good = stats.control_summary(POINTS, _synthetic(0.3, 5.0, 0.5, 0.5, 32, 0.05, rng, POINTS), radius=10.0,
-                                 mc_ratio=0.3, mc_ratio_per_point=np.zeros(16), reference_particles=1)  # fmt: skip
-    assert good["passed"] and good["preferred"].startswith("pointwise")
-    bad = stats.control_summary(POINTS, _synthetic(0.3, 5.0, 1 / 3, 0.5, 32, 0.05, rng, POINTS), radius=10.0,
-                                mc_ratio=0.3, mc_ratio_per_point=np.zeros(16), reference_particles=1)  # fmt: skip
+    good = _control(_synthetic(0.0, 5.0, 0.5, 0.5, 32, 0.05, rng, POINTS), _synthetic(3.0, 5.0, 0.5, 0.5, 32, 0.05, rng, POINTS))
+    assert good["passed"] and good["preferred"].startswith("pointwise") and good["gamma_half_width"] < 0.05
+    assert abs(good["euler"]["order"] - 1.0) < 1e-9 and good["total"]["model"] == stats.QUADRATURE
+    bad = _control(_synthetic(0.0, 5.0, 1 / 3, 0.5, 32, 0.05, rng, POINTS), _synthetic(3.0, 5.0, 0.5, 0.5, 32, 0.05, rng, POINTS))
     assert not bad["passed"] and bad["preferred"].startswith("theorem")
+    worse = _control(_synthetic(0.0, 5.0, 0.5, 0.3, 32, 0.05, rng, POINTS), _synthetic(3.0, 5.0, 0.5, 0.5, 32, 0.05, rng, POINTS))
+    assert not worse["passed"] and "excludes 1/2" in worse["why"]
+
+
+def test_the_quadrature_model_recovers_what_the_linear_sum_misreads():
+    """A deterministic Euler bias and a zero-mean fluctuation add in quadrature in the rms over seeds; the linear
+    model ``a/L + b L^-alpha H^-gamma`` fitted to such data is biased (the step-0 study's gamma 0.58)."""
+    rng = np.random.default_rng(6)
+    E = _synthetic(4.0, 5.0, 0.5, 0.5, 32, 0.02, rng, POINTS)
+    q = stats.fit_errors(POINTS, E, radius=10.0, mc_ratio=0.3)
+    assert abs(q["alpha"] - 0.5) < 0.05 and abs(q["gamma"] - 0.5) < 0.03 and abs(q["a"] - 4.0) < 0.5
+    lin = fit_rate(*np.array(POINTS, float).T, stats.rms(E))
+    assert abs(lin["gamma"] - 0.5) > 0.05 or abs(lin["alpha"] - 0.5) > 0.05
+
+
+def test_corrected_power_fit_recovers_exponents_under_a_1_over_L_variance_correction():
+    L, H = np.array(POINTS, float).T
+    e = 5.5 * (L * H) ** -0.5 * np.sqrt(1 - 4.9 / L)
+    f = stats.corrected_power_fit(L, H, e)
+    assert abs(f["alpha"] - 0.5) < 1e-6 and abs(f["gamma"] - 0.5) < 1e-6 and abs(f["c"] + 4.9) < 1e-4
+    plain = stats.rate_fit(L, H, e, "power", alpha=None, gamma=None)
+    assert abs(plain["alpha"] - 0.5) < 1e-6  # rate_fit's power model is the corrected one
+    assert stats.corrected_power_fit(L, H, e, alpha=1 / 3, gamma=0.5)["rmse_log"] > 0.05
+
+
+def test_power_model_fixed_rates_and_euler_order():
+    L, H = np.array(POINTS, float).T
+    e = 2.0 * (L * H) ** -0.5
+    assert stats.rate_fit(L, H, e, "power", alpha=0.5, gamma=0.5)["rmse_log"] < 1e-6  # c found to 1e-6
+    assert stats.rate_fit(L, H, e, "power", alpha=1 / 3, gamma=0.5)["rmse_log"] > 0.03
+    eo = stats.euler_order([8, 16, 32], [1 / 8 + 1 / 64, 1 / 16 + 1 / 256, 1 / 32 + 1 / 1024])
+    assert eo["local_orders"][0] > eo["local_orders"][1] > 1.0 and abs(eo["order"] - 1.0) < 0.1
+    with pytest.raises(ValueError, match="model"):
+        stats.rate_fit(L, H, e, "linear")
 
 
 def test_theorem_ratio_slopes():
@@ -152,6 +195,28 @@ def test_batch_means_monte_carlo_error_is_zero_for_identical_replicas_and_positi
     assert np.all(e1.mc > 0) and np.all(e1.err_x <= e1.err + 1e-12) and np.all(e1.err_p <= e1.err + 1e-12)
 
 
+def test_the_error_splits_at_the_euler_limit(getkey):
+    """A discrete model whose heads are the Euler limit's has no fluctuation part; in general the three errors obey
+    the triangle inequality ``|fluct - euler| <= err <= fluct + euler``."""
+    cfg = load_config(quick=True, overrides={"precision": "float64"})
+    task = driver._task(cfg, 3, 2)
+    problem = driver._problem(cfg, task, 3, 4)
+    reps = driver._replicas(cfg, getkey(), 3, 32, 2)
+    same = jax.tree.map(lambda a: jnp.broadcast_to(a[:1], a.shape), reps)
+    own = limit.discretize(jax.tree.map(lambda a: a[0], same), 2, grid=problem.grid)  # (2, 8, d, k)
+    disc = (jax.tree.map(lambda a: a[None, None], own),)
+    xs = jnp.asarray(driver._train_like(cfg, task, getkey(), 2))
+    w = jnp.asarray([0.5, 0.3, 0.2])
+    e = core.evaluate(problem, same, disc, xs, w, 2)
+    assert np.allclose(e.fluct, 0.0, atol=1e-12) and np.allclose(e.fluct_mc, 0.0)
+    assert np.allclose(e.err[0], e.euler, rtol=1e-10) and np.all(e.euler > 1e-6)
+    d2 = driver._discrete(cfg, [0, 1], [(2, 1), (2, 4)], 2, "t")
+    e = core.evaluate(problem, reps, d2, xs, w, 2)
+    eu = np.broadcast_to(e.euler[None], e.err.shape)
+    assert np.all(e.err <= e.fluct + eu + 1e-12) and np.all(np.abs(e.fluct - eu) <= e.err + 1e-12)
+    assert np.all(e.fluct_mc > 0)
+
+
 def test_search_never_lowers_the_estimate_and_reports_its_gain(getkey):
     cfg = load_config(quick=True, overrides={"precision": "float64"})
     task = driver._task(cfg, 3, 2)
@@ -179,16 +244,20 @@ def test_quick_run_writes_every_summary_key(rates_quick_run):
     with open(os.path.join(out, "summary.json")) as f:
         s = json.load(f)
     assert set(s["positive_control"]) >= {"passed", "gamma", "gamma_ci", "alpha", "alpha_ci", "preferred",
-                                          "reference_particles"}  # fmt: skip
+                                          "reference_particles", "total", "euler"}  # fmt: skip
     assert set(s["monte_carlo"]) >= {"particles", "replicas", "estimate", "max_ratio"}
     assert set(s["sup_search"]) >= {"final_gain", "converged"}
     assert set(s["training"]) >= {"steps", "sign_fraction", "depth_spread"}
-    for kind in ("pointwise", "uniform"):
+    for kind in ("pointwise", "uniform", "pointwise_fluctuation", "uniform_fluctuation"):
         assert set(s["fits"][kind]) >= {"method", "seeds"}
+    assert "order" in s["fits"]["euler"] or "error" in s["fits"]["euler"]
     assert set(s["theorem_ratio"]) >= {"max", "slope_L", "slope_L_ci", "slope_H", "slope_H_ci"}
     rows = rates.io.folder(cfg, out).rows()
     assert len(rows) == cfg.seeds * len(cfg.points)
     assert all(float(r["uniform_err"]) >= float(r["uniform_test_set"]) for r in rows)
+    assert all(float(r["uniform_fluct"]) >= float(r["pointwise_fluct"]) * (1 - 1e-9) for r in rows)
+    assert all(float(r["pointwise_err"]) <= float(r["pointwise_fluct"]) + float(r["pointwise_euler"]) + 1e-9
+               for r in rows)  # fmt: skip
     assert "positive control" in summary["table"]
 
 

@@ -212,18 +212,33 @@ def summarize(cfg: RatesConfig, rows: dict, diagnostics: dict) -> dict:
     if cfg.control and rows["control"]:
         cpts = [(L, H) for L in cfg.control_depths for H in cfg.control_heads]
         E, _ = stats.matrix(rows["control"], "pointwise_err", cpts)
-        mc = stats.matrix(rows["control"], "pointwise_mc", cpts)[0][:, 0]
+        E_f, _ = stats.matrix(rows["control"], "fluct_err", cpts)
+        col = lambda c: stats.matrix(rows["control"], c, cpts)[0][:, 0]  # noqa: E731  (the same for every seed)
+        mc, fmc, eul = col("pointwise_mc"), col("fluct_mc"), col("euler_err")
         out["positive_control"] = stats.control_summary(
             cpts,
             E,
+            E_fluct=E_f,
+            euler=eul,
             radius=cfg.radius,
             mc_ratio=cfg.mc_ratio,
             mc_ratio_per_point=mc / stats.rms(E),
+            fluct_mc_ratio_per_point=fmc / stats.rms(E_f),
             reference_particles=cfg.control_particles,
         )
         out["positive_control"]["per_point"] = [
-            {"depth": L, "heads": H, "rms_err": float(e), "mc": float(m), "sqrt_LH_err": float(e * math.sqrt(L * H))}
-            for (L, H), e, m in zip(cpts, stats.rms(E), mc)
+            {
+                "depth": L,
+                "heads": H,
+                "rms_err": float(e),
+                "mc": float(m),
+                "sqrt_LH_err": float(e * math.sqrt(L * H)),
+                "rms_fluct": float(f),
+                "fluct_mc": float(fm),
+                "sqrt_LH_fluct": float(f * math.sqrt(L * H)),
+                "euler_err": float(u),
+            }
+            for (L, H), e, m, f, fm, u in zip(cpts, stats.rms(E), mc, stats.rms(E_f), fmc, eul)
         ]
     else:
         out["positive_control"] = {"passed": None, "why": "control = false"}
@@ -268,6 +283,17 @@ def summarize(cfg: RatesConfig, rows: dict, diagnostics: dict) -> dict:
         ),
         "param_gap": stats.fit_errors(pts, _points_rms(res, "param_gap", pts), radius=math.inf, mc_ratio=math.inf),
     }
+    # The fluctuation part (against the Euler limit of each depth): no a/L term, the theorem's second term alone.
+    E_fpw, E_fun = _points_rms(res, "pointwise_fluct", pts), _points_rms(res, "uniform_fluct", pts)
+    fmc_pw = np.nanmax(_points_rms(res, "pointwise_fluct_mc", pts), axis=1)
+    for name, Ef in (("pointwise_fluctuation", E_fpw), ("uniform_fluctuation", E_fun)):
+        fits[name] = stats.fit_errors(
+            pts, Ef, radius=cfg.radius, mc_ratio=cfg.mc_ratio, mc_ratio_per_point=fmc_pw / stats.rms(Ef), model="power"
+        )
+    E_eul, depths = _points_rms(res, "pointwise_euler", pts), sorted({L for L, _ in pts})
+    fits["euler"] = stats.euler_order(
+        depths, [np.nanmean(E_eul[[i for i, p in enumerate(pts) if p[0] == L]]) for L in depths]
+    )
     flagged = [
         {"depth": L, "heads": H, "pointwise_ratio": float(a), "uniform_ratio": float(b)}
         for (L, H), a, b in zip(pts, ratio_pw, ratio_un)
@@ -409,6 +435,13 @@ def table(cfg: RatesConfig, rows: list, summary: dict) -> str:
             f"gamma = {_ci(pc, 'gamma')}, alpha = {_ci(pc, 'alpha')}, preferred: {pc.get('preferred')}"
             f" ({pc.get('why')})"
         )
+        tot, eu = pc.get("total", {}), pc.get("euler", {})
+        if "alpha" in tot:
+            lines.append(
+                f"  (fluctuation part, against the Euler limit of each depth); total error, {tot['model']}: "
+                f"alpha = {_ci(tot, 'alpha')}, gamma = {_ci(tot, 'gamma')}; Euler term order "
+                f"{_num(eu.get('order'))} (local {', '.join(f'{v:.2f}' for v in eu.get('local_orders', []))})"
+            )
         if not pc["passed"]:
             lines.append("  the control failed: the numbers below are not a measurement of the theorem's rate.")
     hdr = (
@@ -433,7 +466,7 @@ def table(cfg: RatesConfig, rows: list, summary: dict) -> str:
             f"{src:>4}/{len(rs):<3}{ratio:>8.2f}{stats.rms(f('param_gap')):>10.3e}  {flag}"
         )
     lines.append("")
-    for kind in ("pointwise", "uniform"):
+    for kind in ("pointwise", "uniform", "pointwise_fluctuation", "uniform_fluctuation"):
         fb = summary["fits"].get(kind, {})
         if "alpha" in fb:
             lines.append(

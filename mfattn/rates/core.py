@@ -112,7 +112,14 @@ class Errors(NamedTuple):
     ``err`` is ``max_l max_i (|x_i^l - x_i(t_l)|^2 + |p_i^l - p_i(t_l)|^2)^(1/2)`` against the pooled limit;
     ``err_x`` and ``err_p`` the same with one part; ``err2_replica`` the mean over replicas of ``err^2`` against one
     replica (``e^2(M / R)``); ``p_norm`` the limit adjoint's ``max_l max_i |p_i(t_l)|``; ``mc`` the batch-means
-    Monte-Carlo error of the pooled limit at the point's layer times."""
+    Monte-Carlo error of the pooled limit at the point's layer times.
+
+    The error splits at the *Euler limit* of depth ``L``: the ``L``-layer model whose layer ``l`` has the limit's
+    particles at ``t_l`` as its heads (infinitely many heads, :func:`mfattn.limit.discretize`; pooled over
+    replicas like the limit). ``fluct`` is the discrete model against it (the heads' fluctuation and the training
+    coupling, no Euler term), ``euler`` the Euler limit against the limit (the ``O(1/L)`` discretisation, the same
+    for every seed and head count), ``fluct_mc`` the Euler limit's batch-means Monte-Carlo error. By the triangle
+    inequality ``|fluct - euler| <= err <= fluct + euler``."""
 
     err: jax.Array
     err_x: jax.Array
@@ -120,6 +127,9 @@ class Errors(NamedTuple):
     err2_replica: jax.Array
     p_norm: jax.Array
     mc: jax.Array
+    fluct: jax.Array
+    euler: jax.Array
+    fluct_mc: jax.Array
 
 
 def stack(trees: list):
@@ -142,45 +152,71 @@ def _sq(a, b, w):
     return jnp.max(_masked(sq, w), axis=(-2, -1))
 
 
-def _point_errors(problem: Problem, discrete: tuple, x, w, y, xr, pr, lmax: int):
-    """Errors of every seed and point at one input, against replica paths ``xr, pr`` (``(R, lmax+1, N, d)``)."""
+def _dist(a, b, w):
+    """``max_l max_{i live} (|x_a - x_b|^2 + |p_a - p_b|^2)`` of path pairs ``a = (x, p)``, ``b`` broadcast."""
+    return jnp.max(_masked(_d2(a[0], b[0]) + _d2(a[1], b[1]), w), axis=(-2, -1))
+
+
+def _batch_means(xr, pr, w):
+    """Batch-means Monte-Carlo error of the pooled mean of replica paths ``(R, L+1, N, d)``."""
     num_rep = xr.shape[0]
     xbar, pbar = jnp.mean(xr, axis=0), jnp.mean(pr, axis=0)
+    spread = jax.vmap(lambda a, b: _dist((a, b), (xbar, pbar), w))(xr, pr)  # (R,)
+    return jnp.sqrt(jnp.sum(spread) / (num_rep * (num_rep - 1)))
+
+
+def euler_heads(reps: Params, discrete: tuple, grid) -> tuple:
+    """The Euler limits' heads of every depth group of ``discrete``: leaves ``(R, L, M/R, d, k)``."""
+    return tuple(
+        jax.vmap(lambda e, L=p.wq.shape[2]: limit.discretize(e, L, grid=grid))(reps) for p in discrete  # noqa: B008
+    )
+
+
+def _point_errors(problem: Problem, discrete: tuple, euler: tuple, x, w, y, xr, pr, lmax: int):
+    """Errors of every seed and point at one input, against replica paths ``xr, pr`` (``(R, lmax+1, N, d)``) and
+    the Euler limits of heads ``euler`` (:func:`euler_heads`)."""
+    xbar, pbar = jnp.mean(xr, axis=0), jnp.mean(pr, axis=0)
     out = []
-    for params in discrete:  # one entry per depth group (static shapes), stacked over seeds and head counts
+    for params, heads in zip(discrete, euler):  # one entry per depth group (static shapes), stacked over seeds, H
         G = params.wq.shape[1]
         stride = lmax // params.wq.shape[2]
         xl, pl, xrl, prl = xbar[::stride], pbar[::stride], xr[:, ::stride], pr[:, ::stride]
         xd, pd = jax.vmap(jax.vmap(lambda p: problem.discrete_paths(p, x, w, y)))(params)  # (S, G, L+1, N, d)
-        ex, ep = _sq(xd, xl, w), _sq(pd, pl, w)
-        tot = jnp.max(_masked(_d2(xd, xl) + _d2(pd, pl), w), axis=(-2, -1))
-        rep = jax.vmap(
-            lambda a, b: jnp.max(_masked(_d2(xd, a) + _d2(pd, b), w), axis=(-2, -1))  # noqa: B023
-        )(xrl, prl)  # (R, S, G)
-        spread = jax.vmap(lambda a, b: jnp.max(_masked(_d2(a, xl) + _d2(b, pl), w)))(  # noqa: B023
-            xrl, prl
-        )  # (R,)
-        mc = jnp.sqrt(jnp.sum(spread) / (num_rep * (num_rep - 1)))
+        rep = jax.vmap(lambda a, b: _dist((xd, pd), (a, b), w))(xrl, prl)  # noqa: B023  (R, S, G)
         pn = jnp.sqrt(jnp.max(_masked(jnp.sum(pl**2, axis=-1), w)))
+        xe_r, pe_r = jax.vmap(lambda h: problem.discrete_paths(h, x, w, y))(heads)  # (R, L+1, N, d)
+        xe, pe = jnp.mean(xe_r, axis=0), jnp.mean(pe_r, axis=0)
         full = lambda v: jnp.full((G,), v)  # noqa: E731, B023  (the limit's own numbers: the same for every H)
-        out.append((jnp.sqrt(tot), jnp.sqrt(ex), jnp.sqrt(ep), jnp.mean(rep, axis=0), full(pn), full(mc)))
-    err, ex, ep, e2r, pn, mc = (jnp.concatenate(a, axis=-1) for a in zip(*out))  # (S, P) ... and (P,)
-    return err, ex, ep, e2r, pn, mc
+        out.append(
+            (
+                jnp.sqrt(_dist((xd, pd), (xl, pl), w)),
+                jnp.sqrt(_sq(xd, xl, w)),
+                jnp.sqrt(_sq(pd, pl, w)),
+                jnp.mean(rep, axis=0),
+                full(pn),
+                full(_batch_means(xrl, prl, w)),
+                jnp.sqrt(_dist((xd, pd), (xe, pe), w)),
+                full(jnp.sqrt(_dist((xe, pe), (xl, pl), w))),
+                full(_batch_means(xe_r, pe_r, w)),
+            )
+        )
+    return tuple(jnp.concatenate(a, axis=-1) for a in zip(*out))  # (S, P) ... and (P,)
 
 
 @eqx.filter_jit
 def evaluate(problem: Problem, reps: Params, discrete: tuple, xs, w, lmax: int) -> Errors:
     """:class:`Errors` of every seed and point on the inputs ``xs`` (``(C, N, d)``, masses ``w``) against the
-    limit's replicas ``reps`` (one solve per replica and input, shared by every seed and point)."""
+    limit's replicas ``reps`` (one solve per replica and input, shared by every seed and point) and its Euler
+    limits (one per depth)."""
+    euler = euler_heads(reps, discrete, problem.grid)
 
     def one(x):
         y = problem.task.target(x, w)
         xr, pr = jax.vmap(lambda e: problem.limit_paths(e, x, w, y, lmax))(reps)
-        return _point_errors(problem, discrete, x, w, y, xr, pr, lmax)
+        return _point_errors(problem, discrete, euler, x, w, y, xr, pr, lmax)
 
-    err, ex, ep, e2r, pn, mc = jax.lax.map(one, xs)  # inputs one after another: memory bounded by one input
-    move = lambda a: jnp.moveaxis(a, 0, -1)  # noqa: E731
-    return Errors(move(err), move(ex), move(ep), move(e2r), move(pn), move(mc))
+    parts = jax.lax.map(one, xs)  # inputs one after another: memory bounded by one input
+    return Errors(*(jnp.moveaxis(a, 0, -1) for a in parts))
 
 
 def surrogate(reps: Params, particles: int, lmax: int, grid) -> Params:

@@ -201,6 +201,7 @@ def run_control(cfg: RatesConfig, seeds: list[int], emit: Callable, progress=Non
     e = _evaluate(problem, reps, discrete, xs, w, lmax, chunk=min(4, xs.shape[0]), progress=progress)
     for p, (L, H) in enumerate(points):
         mc = float(np.sqrt(np.mean(e.mc[p] ** 2)))
+        fmc = float(np.sqrt(np.mean(e.fluct_mc[p] ** 2)))
         for si, s in enumerate(seeds):
             emit(
                 {
@@ -211,6 +212,9 @@ def run_control(cfg: RatesConfig, seeds: list[int], emit: Callable, progress=Non
                     "err_x": float(np.mean(e.err_x[si, p])),
                     "err_p": float(np.mean(e.err_p[si, p])),
                     "pointwise_mc": mc,
+                    "fluct_err": float(np.mean(e.fluct[si, p])),
+                    "euler_err": float(np.mean(e.euler[p])),
+                    "fluct_mc": fmc,
                     "reference_particles": cfg.control_particles,
                 }
             )
@@ -354,10 +358,13 @@ def run_group(
     ts_idx = np.argmax(e_cand.err, axis=-1)
     ts_val = np.max(e_cand.err, axis=-1)
     ts_mc = e_cand.mc[pts, ts_idx]
+    # The fluctuation part's supremum: over the candidates and the search's maximiser of the total error.
+    fluct_sup = np.maximum(np.max(e_cand.fluct, axis=-1), pick(e_max.fluct))
     gaps = np.concatenate([np.asarray(core.param_gap(a, b)) for a, b in zip(st.discrete, st.coupled)], axis=1)
     R = cfg.replicas
     for p, (L, H) in enumerate(group.points):
         mc_pw = float(np.sqrt(np.mean(e_test.mc[p] ** 2)))
+        fmc_pw = float(np.sqrt(np.mean(e_test.fluct_mc[p] ** 2)))
         for si, s in enumerate(seeds):
             err2 = e_test.err[si, p] ** 2
             e_inf2 = (R * err2 - e_test.err2_replica[si, p]) / (R - 1)  # e^2(M) = e^2_inf + c / M at M and M / R
@@ -382,11 +389,15 @@ def run_group(
                     "p_norm": float(np.mean(e_test.p_norm[p])),
                     "pointwise_err_inf": float(np.mean(np.sqrt(np.maximum(e_inf2, 0.0)))),
                     "pointwise_mc": mc_pw,
+                    "pointwise_fluct": float(np.mean(e_test.fluct[si, p])),
+                    "pointwise_euler": float(np.mean(e_test.euler[p])),
+                    "pointwise_fluct_mc": fmc_pw,
                     "uniform_err": float(uni),
                     "uniform_test_set": float(ts_val[si, p]),
                     "uniform_search": float(exact_max[si, p]),
                     "uniform_source": "search" if use_search else "test_set",
                     "uniform_mc": float(mc_max[si, p] if use_search else ts_mc[si, p]),
+                    "uniform_fluct": float(fluct_sup[si, p]),
                     "surrogate_value": float(res.value[si, p]),
                     "search_gain": float(res.gain[si, p]),
                     "search_converged": int(res.converged[si, p]),

@@ -25,11 +25,15 @@ RESULTS = (
         "p_norm",
         "pointwise_err_inf",
         "pointwise_mc",
+        "pointwise_fluct",
+        "pointwise_euler",
+        "pointwise_fluct_mc",
         "uniform_err",
         "uniform_test_set",
         "uniform_search",
         "uniform_source",
         "uniform_mc",
+        "uniform_fluct",
         "surrogate_value",
         "search_gain",
         "search_converged",
@@ -40,7 +44,10 @@ RESULTS = (
         "param_gap",
     ],
 )
-CONTROL = (["depth", "heads", "seed"], ["pointwise_err", "err_x", "err_p", "pointwise_mc", "reference_particles"])
+CONTROL = (
+    ["depth", "heads", "seed"],
+    ["pointwise_err", "err_x", "err_p", "pointwise_mc", "fluct_err", "euler_err", "fluct_mc", "reference_particles"],
+)
 TRAINING = (
     ["sweep", "optimizer", "num_tokens", "dim", "step"],
     ["limit_loss", "discrete_loss", "limit_sign_fraction", "discrete_sign_fraction"],

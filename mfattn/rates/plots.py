@@ -32,7 +32,14 @@ def _fit_label(fb):
 
 
 def _model(fb, L, H):
-    return rate_model(L, H, fb) if fb.get("a", 0) > 0 else fb["b"] * L ** -fb["alpha"] * H ** -fb["gamma"]
+    second = fb["b"] * L ** -fb["alpha"] * H ** -fb["gamma"]
+    if "c" in fb:
+        second = second * np.sqrt(1 + fb["c"] / L)
+    if fb.get("a", 0) <= 0:
+        return second
+    if fb.get("model") == stats.QUADRATURE:
+        return np.sqrt((fb["a"] / L) ** 2 + second**2)
+    return rate_model(L, H, fb)
 
 
 def _panel(ax, pts, E, left_out, fb, x_axis: str, title: str, ylabel: str):
@@ -82,7 +89,7 @@ def plot_all(cfg, rows: dict, summary: dict, out_dir: str) -> list[str]:
     pc = summary.get("positive_control", {})
     fits = summary["fits"]
     for x_axis in ("L", "H"):
-        ncol = (1 if rows["control"] else 0) + (2 if res else 0)
+        ncol = (2 if rows["control"] else 0) + (2 if res else 0)
         if ncol == 0:
             continue
         fig = Figure(figsize=(4 * ncol, 3.4))
@@ -90,8 +97,8 @@ def plot_all(cfg, rows: dict, summary: dict, out_dir: str) -> list[str]:
         col = 0
         if rows["control"]:
             cpts = [(L, H) for L in cfg.control_depths for H in cfg.control_heads]
-            E, _ = stats.matrix(rows["control"], "pointwise_err", cpts)
             verdict = "passed" if pc.get("passed") else "FAILED"
+            E, _ = stats.matrix(rows["control"], "fluct_err", cpts)
             _panel(
                 axs[0],
                 cpts,
@@ -99,10 +106,17 @@ def plot_all(cfg, rows: dict, summary: dict, out_dir: str) -> list[str]:
                 pc.get("fit", {}).get("left_out", []),
                 pc.get("fit", {}),
                 x_axis,
-                f"step 0 (positive control, {verdict})",
-                r"pointwise error, rms over seeds",
+                f"step 0 control ({verdict}): fluctuation",
+                "discrete vs Euler limit, rms over seeds",
             )
-            col = 1
+            E, _ = stats.matrix(rows["control"], "pointwise_err", cpts)
+            tot = pc.get("total", {})
+            _panel(axs[1], cpts, E, tot.get("left_out", []), tot, x_axis, "step 0: total error", "pointwise error")
+            eu = pc.get("euler", {})
+            if x_axis == "L" and "err" in eu:
+                axs[1].plot(eu["depths"], eu["err"], "k:", lw=1, label=f"Euler term, order {eu['order']:.2f}")
+                axs[1].legend(fontsize=6)
+            col = 2
         if res:
             for kind, ylabel in (("pointwise", "pointwise error"), ("uniform", r"uniform error $\sup_x$")):
                 E, _ = stats.matrix(res, f"{kind}_err", pts)

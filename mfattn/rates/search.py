@@ -65,9 +65,10 @@ def sup_search(
     order_all = np.argsort(-np.asarray(exact_errs), axis=-1)
     for r in range(rounds):
         n_start, n_steps = min(starts * 2**r, num_cand), steps * 2**r
-        order = order_all[..., :n_start]  # (S, P, st)
-        rows = np.broadcast_to(np.arange(num_seeds)[:, None, None], order.shape).reshape(-1)
-        idx = np.broadcast_to(np.arange(num_points)[None, :, None], order.shape).reshape(-1)
+        live_s, live_p = np.nonzero(~done)  # only the (seed, point) pairs still searching climb again
+        order = order_all[live_s, live_p, :n_start]  # (Q, st)
+        rows = np.repeat(live_s, n_start)
+        idx = np.repeat(live_p, n_start)
         x0 = cand[order.reshape(-1)]
         vals, xb = [], []
         for lo in range(0, x0.shape[0], chunk):  # bounded memory; the last chunk padded to one compiled shape
@@ -85,22 +86,20 @@ def sup_search(
         vals = np.concatenate(vals).reshape(order.shape)
         xb = np.concatenate(xb).reshape(*order.shape, *cand.shape[1:])
         j = np.argmax(vals, axis=-1)
-        rmax = np.take_along_axis(vals, j[..., None], -1)[..., 0]
-        improved = rmax > best
-        new = np.where(improved, rmax, best)
-        g = new / best - 1.0
-        best_x = np.where(
-            improved[..., None, None], np.take_along_axis(xb, j[..., None, None, None], 2)[:, :, 0], best_x
-        )
-        start = np.where(improved, np.take_along_axis(order, j[..., None], -1)[..., 0], start)
-        best = new
-        live = ~done
-        value = np.where(live, best, value)
-        arg = np.where(live[..., None, None], best_x, arg)
-        st_out = np.where(live, start, st_out)
-        gain = np.where(live, g, gain)
-        used = np.where(live, r + 1, used)
-        done = done | (g < tol)
+        rmax = np.take_along_axis(vals, j[:, None], -1)[:, 0]
+        old = best[live_s, live_p]
+        improved = rmax > old
+        new = np.where(improved, rmax, old)
+        g = new / old - 1.0
+        best_x[live_s, live_p] = np.where(improved[:, None, None], xb[np.arange(len(j)), j], best_x[live_s, live_p])
+        start[live_s, live_p] = np.where(improved, order[np.arange(len(j)), j], start[live_s, live_p])
+        best[live_s, live_p] = new
+        value[live_s, live_p] = new
+        arg[live_s, live_p] = best_x[live_s, live_p]
+        st_out[live_s, live_p] = start[live_s, live_p]
+        gain[live_s, live_p] = g
+        used[live_s, live_p] = r + 1
+        done[live_s, live_p] = g < tol
         if progress is not None:
             progress(1)
         if done.all():
