@@ -168,7 +168,8 @@ def _batch_means(xr, pr, w):
 def euler_heads(reps: Params, discrete: tuple, grid) -> tuple:
     """The Euler limits' heads of every depth group of ``discrete``: leaves ``(R, L, M/R, d, k)``."""
     return tuple(
-        jax.vmap(lambda e, L=p.wq.shape[2]: limit.discretize(e, L, grid=grid))(reps) for p in discrete  # noqa: B008
+        jax.vmap(lambda e, L=p.wq.shape[2]: limit.discretize(e, L, grid=grid))(reps)
+        for p in discrete  # noqa: B008
     )
 
 

@@ -32,7 +32,17 @@ from scipy.optimize import minimize_scalar
 
 from ..fits import fit_rate
 
-__all__ = ["matrix", "rate_fit", "corrected_power_fit", "fit_errors", "control_summary", "euler_order", "theorem_ratio", "sweep_slopes", "interval_method"]
+__all__ = [
+    "matrix",
+    "rate_fit",
+    "corrected_power_fit",
+    "fit_errors",
+    "control_summary",
+    "euler_order",
+    "theorem_ratio",
+    "sweep_slopes",
+    "interval_method",
+]
 
 THEOREM = (1.0 / 3.0, 0.5)
 POINTWISE = (0.5, 0.5)
