@@ -92,7 +92,7 @@ def plot_all(cfg, rows: dict, summary: dict, out_dir: str) -> list[str]:
         ncol = (2 if rows["control"] else 0) + (2 if res else 0)
         if ncol == 0:
             continue
-        fig = Figure(figsize=(4 * ncol, 3.4))
+        fig = Figure(figsize=(4.2 * ncol, 3.4), layout="constrained")
         axs = np.atleast_1d(fig.subplots(1, ncol))
         col = 0
         if rows["control"]:
