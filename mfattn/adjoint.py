@@ -46,11 +46,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from . import _checks
+from . import _checks, lanes
 from .attention import (
     Attention,
     _causal_allowed,
-    _exp_cap,
+    exp_cap,
     _matmul,
     _scores,
     as_attention,
@@ -140,9 +140,9 @@ def _kernel_rows(spec, q, kk, v, weights, beta, idx, mm):
         allowed = live[None, :] if causal is None else live[None, :] & causal
         top = jnp.max(jnp.where(allowed, s, -jnp.inf), axis=-1, keepdims=True)
         top = jnp.where(jnp.isfinite(top), top, 0)
-        u = jnp.exp(jnp.minimum(s - top, _exp_cap(s.dtype)))  # (R, N): U_ij = u_ij / z_i
+        u = jnp.exp(jnp.minimum(s - top, exp_cap(s.dtype)))  # (R, N): U_ij = u_ij / z_i
     elif spec.kind == "unnormalized":
-        u = jnp.exp(jnp.where(live[None, :], s, jnp.minimum(s, _exp_cap(s.dtype))))
+        u = jnp.exp(jnp.where(live[None, :], s, jnp.minimum(s, exp_cap(s.dtype))))
     else:  # sigmoid
         u = jax.nn.sigmoid(s + spec.bias)
     if causal is not None:
@@ -201,6 +201,11 @@ def _backward(theta, tokens, adjoints, weights, beta, radius, *, field, grad, at
     beta = beta * spec.scale(theta.wq.shape[-1])
     if spec.kind == "sinkhorn":
         return _autodiff_backward(spec, theta, tokens, adjoints, weights, beta, radius, field=field, grad=grad)
+    if cache is None and lanes.applies(spec, theta.wq.shape[0], tokens.shape[0]):
+        g_field, g = lanes.backward(
+            theta, tokens, adjoints, weights, beta=beta, radius=radius, spec=spec, field=field, grad=grad
+        )
+        return g_field, None if g is None else _like(theta, *g)
     keys = project_ball(tokens, radius)
     per_head = over_heads(
         lambda wq, wk, wv, wo, c: _head_backward(
@@ -208,6 +213,7 @@ def _backward(theta, tokens, adjoints, weights, beta, radius, *, field, grad, at
         ),
         (theta.wq, theta.wk, theta.wv, theta.wo, cache),
         tokens.shape[0],
+        spec.heads,
     )
     g_field = None
     if field:

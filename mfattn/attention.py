@@ -77,6 +77,7 @@ def project_ball_vjp(tokens: Float[Array, "N d"], cotangent: Float[Array, "N d"]
 
 Kind = Literal["softmax", "unnormalized", "l2", "sigmoid", "sinkhorn"]
 KINDS = ("softmax", "unnormalized", "l2", "sigmoid", "sinkhorn")
+HEAD_LOOPS = ("auto", "lanes", "vmap", "sequential")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +117,15 @@ class Attention:
             ``chunk`` query rows in a ``lax.scan`` (forward and hand backward; the backward's transposed
             products accumulate over blocks), so one head holds ``O(chunk N)`` instead of ``O(N^2)``
             numbers. Same results up to rounding; for large ``N`` on memory-bound devices.
+        heads: how a layer's heads (the limit's parameter particles) are looped over -- a numerical choice, the
+            same results up to rounding. ``"lanes"``: the head axis is the innermost array axis and the token
+            and coordinate loops are unrolled (:mod:`mfattn.lanes`; many heads, few tokens: the limit);
+            ``"vmap"``: ``jax.vmap`` over heads (batched matrix products); ``"sequential"``: ``lax.map`` over
+            heads (one head's ``N x N`` arrays live at a time; on CPU the fastest for large ``N``).
+            ``"auto"`` (default): lanes from :data:`mfattn.lanes.LANES_MIN_HEADS` heads and up to
+            :data:`mfattn.lanes.LANES_MAX_TOKENS` tokens, else sequential on CPU from
+            :data:`SEQUENTIAL_HEADS_FROM` tokens, else vmap. Lanes needs a closed-form kind, no
+            ``matmul_dtype`` and no ``chunk``; otherwise ``"lanes"`` falls back to ``"auto"``'s other choices.
         remat: ``True`` (default, memory-lean): the hand backward pass recomputes each layer's attention
             from the stored tokens, memory ``O(L N d + H N^2)``. ``False``: the fused hand path
             (:func:`mfattn.value_and_grad_map`, :func:`mfattn.loss_and_grad`, training) keeps every layer's
@@ -143,6 +153,7 @@ class Attention:
     matmul_dtype: str | None = None
     chunk: int | None = None
     remat: bool = True
+    heads: Literal["auto", "lanes", "vmap", "sequential"] = "auto"
 
     def __post_init__(self):
         _checks.check_choice("Attention", "kind", self.kind, KINDS)
@@ -152,6 +163,7 @@ class Attention:
         if not (self.logit_scale is None or isinstance(self.logit_scale, str)):
             _checks.check_real("Attention", "logit_scale", self.logit_scale, positive=True)
         _checks.check_choice("Attention", "residual", self.residual, ("euler", "sphere"))
+        _checks.check_choice("Attention", "heads", self.heads, HEAD_LOOPS)
         _checks.check_real("Attention", "depth_exponent", self.depth_exponent, positive=True)
         object.__setattr__(
             self, "sinkhorn_iters", _checks.check_int("Attention", "sinkhorn_iters", self.sinkhorn_iters, minimum=1)
@@ -226,10 +238,15 @@ SOFTMAX = Attention()
 SEQUENTIAL_HEADS_FROM = 128
 
 
-def over_heads(fn, heads, n_tokens: int):
-    """``fn`` applied to every head of ``heads`` (a pytree with a leading head axis), results stacked:
-    ``jax.vmap`` on accelerators and for small ``N``, ``lax.map`` on CPU for ``N >= SEQUENTIAL_HEADS_FROM``."""
-    if jax.default_backend() == "cpu" and n_tokens >= SEQUENTIAL_HEADS_FROM:
+def over_heads(fn, heads, n_tokens: int, loop: str = "auto"):
+    """``fn`` applied to every head of ``heads`` (a pytree with a leading head axis), results stacked.
+
+    ``loop`` (:attr:`Attention.heads`): ``"vmap"``, ``"sequential"`` (``lax.map``), or ``"auto"`` (and
+    ``"lanes"``, whose kernels are not per-head functions): ``jax.vmap`` on accelerators and for small ``N``,
+    ``lax.map`` on CPU for ``N >= SEQUENTIAL_HEADS_FROM``."""
+    if loop == "sequential" or (
+        loop != "vmap" and jax.default_backend() == "cpu" and n_tokens >= SEQUENTIAL_HEADS_FROM
+    ):
         return jax.lax.map(lambda h: fn(*h), heads)
     return jax.vmap(fn)(*heads)
 
@@ -295,7 +312,7 @@ def as_attention(attention, fn: str = "as_attention") -> Attention:
     raise TypeError(f"{fn}: attention must be a kind string or an mfattn.Attention, got {type(attention).__name__}.")
 
 
-def _exp_cap(dtype) -> float:
+def exp_cap(dtype) -> float:
     """Largest exponent used for a zero-weight key's kernel: ``exp(cap)`` times O(1) values stays finite."""
     return 0.4 * float(np.log(np.finfo(dtype).max))
 
@@ -320,7 +337,7 @@ def _lse(a, weights, live, axis):
     expand = (lambda x: x[None, :]) if axis == -1 else (lambda x: x[:, None])
     top = jnp.max(jnp.where(expand(live), a, -jnp.inf), axis=axis, keepdims=True)
     top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0))
-    e = jnp.exp(jnp.minimum(a - top, _exp_cap(a.dtype)))
+    e = jnp.exp(jnp.minimum(a - top, exp_cap(a.dtype)))
     return jnp.log(jnp.sum(expand(weights) * e, axis=axis, keepdims=True)) + top
 
 
@@ -349,7 +366,7 @@ def _head_weights(spec: Attention, q, kk, weights, beta, key_bias=None, rows=Non
         # w_ij = m_j e^{s_ij + g_j + f_i}, written to stay differentiable in m at m_j = 0 (the
         # autodiff backward's Lions derivative at a zero-weight atom takes d/dm there).
         f = -_lse(s, weights, live, axis=-1)
-        return weights[None, :] * jnp.exp(jnp.minimum(s + f, _exp_cap(s.dtype)))
+        return weights[None, :] * jnp.exp(jnp.minimum(s + f, exp_cap(s.dtype)))
     allowed = jnp.broadcast_to(live[None, :], s.shape)
     if spec.causal:
         allowed = allowed & _causal_allowed(rows, s.shape[1])
@@ -430,12 +447,18 @@ def velocity(
             f"velocity: causal attention needs the queries to be the tokens in order, got Nq = {queries.shape[0]}, "
             f"N = {tokens.shape[0]}."
         )
-    keys = project_ball(tokens, radius)
     beta = beta * spec.scale(theta.wq.shape[-1])
+    n_tokens = max(queries.shape[0], tokens.shape[0])
+    from . import lanes  # noqa: PLC0415  (lanes builds on this module)
+
+    if lanes.applies(spec, theta.wq.shape[0], n_tokens):
+        return lanes.velocity(theta, queries, tokens, weights, beta=beta, radius=radius, spec=spec)
+    keys = project_ball(tokens, radius)
     heads = over_heads(
         lambda wq, wk, wv, wo: _head_forward(spec, wq, wk, wv, wo, queries, tokens, keys, weights, beta),
         (theta.wq, theta.wk, theta.wv, theta.wo),
-        max(queries.shape[0], tokens.shape[0]),
+        n_tokens,
+        spec.heads,
     )
     return jnp.mean(heads, axis=0)
 

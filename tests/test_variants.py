@@ -40,6 +40,15 @@ VARIANTS = {
     "l2-1/k-sphere": Attention("l2", logit_scale="1/k", residual="sphere"),
     "sinkhorn-sphere": Attention("sinkhorn", sinkhorn_iters=3, residual="sphere"),
 }
+# The lanes kernels (mfattn.lanes: head axis innermost, token loops unrolled) for every closed-form variant, forced
+# with heads="lanes" whatever the sizes: the same oracle, the same tolerance.
+VARIANTS.update(
+    {
+        f"lanes-{name}": dataclasses.replace(spec, heads="lanes")
+        for name, spec in {"softmax": Attention(), **VARIANTS}.items()
+        if spec.kind != "sinkhorn"
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,13 +224,14 @@ def _layer_kernels_under(monkeypatch, setting: str, values, c: Case) -> list:
     params, x0, m, _ = instance(c, Attention())
     theta = jax.tree.map(lambda a: a[0], params)
     p = jax.random.normal(jax.random.key(3), x0.shape, jnp.float64)
+    spec = Attention(heads="auto" if setting == "SEQUENTIAL_HEADS_FROM" else "vmap")  # not the lanes kernels
     results = []
     for value in values:
         monkeypatch.setattr(_attention_module(), setting, value)
         run = jax.jit(
             lambda th, x, p: (
-                mfattn.velocity(th, x, x, m, beta=c.beta),
-                adjoint_field_and_grad_map(th, x, p, m, beta=c.beta),
+                mfattn.velocity(th, x, x, m, beta=c.beta, attention=spec),
+                adjoint_field_and_grad_map(th, x, p, m, beta=c.beta, attention=spec),
             )
         )
         results.append(run(theta, x0, p))
@@ -256,6 +266,8 @@ def test_tiny_products_without_dots_agree_with_dots(monkeypatch):
 
 FLOAT32_VARIANTS = {
     "softmax": Attention(),
+    "lanes-softmax": Attention(heads="lanes"),
+    "lanes-causal-l2": Attention("l2", causal=True, heads="lanes"),
     "l2": Attention("l2"),
     "sigmoid": Attention("sigmoid", bias=-0.5),
     "causal-l2": Attention("l2", causal=True),
@@ -271,6 +283,10 @@ FLOAT32_VARIANTS = {
 FLOAT32_TOL = {
     ("softmax", 2.0): (1e-6, 5e-6),  # (8.0e-8, 3.7e-7)
     ("softmax", 50.0): (1e-6, 1e-5),  # (1.4e-7, 2.9e-6)
+    ("lanes-softmax", 2.0): (1e-6, 5e-6),  # (lanes: as softmax)
+    ("lanes-softmax", 50.0): (1e-6, 1e-5),
+    ("lanes-causal-l2", 2.0): (1e-6, 5e-6),
+    ("lanes-causal-l2", 50.0): (1e-6, 5e-6),
     ("l2", 2.0): (1e-6, 5e-6),  # (7.4e-8, 1.4e-6)
     ("l2", 50.0): (2e-6, 1e-4),  # (3.6e-7, 3.0e-5)
     ("sigmoid", 2.0): (1e-6, 5e-6),  # (4.6e-8, 2.0e-7)
@@ -307,3 +323,78 @@ def test_float32_matches_float64(name, beta):
     traj_tol, grad_tol = FLOAT32_TOL[name, beta]
     assert rel(out[jnp.float32][0], out[jnp.float64][0]) <= traj_tol
     assert rel(flat(out[jnp.float32][1]), flat(out[jnp.float64][1])) <= grad_tol
+
+
+LAYER_KINDS = {
+    "softmax": Attention(),
+    "unnormalized": Attention("unnormalized"),
+    "l2": Attention("l2", logit_scale="1/k"),
+    "sigmoid": Attention("sigmoid", bias=0.3),
+    "causal-softmax": Attention(causal=True),
+    "causal-l2": Attention("l2", causal=True),
+    "causal-sigmoid": Attention("sigmoid", causal=True),
+    "causal-unnormalized": Attention("unnormalized", causal=True),
+}
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 7])
+@pytest.mark.parametrize("name", list(LAYER_KINDS))
+def test_lanes_layer_kernels_equal_vmapped(name, tokens):
+    """One layer's velocity (also at queries that are not the tokens), adjoint field and gradient maps of the lanes
+    kernels equal the vmapped kernels' to 1e-12 relative (float64, 9 heads, non-uniform weights, a padding token
+    whose adjoint is 1e30 -- it must not leak -- and the projection Pi_R). The padding token's own adjoint field is
+    compared where it is well conditioned (its adjoint 1)."""
+    from mfattn.adjoint import adjoint_field_and_grad_map
+
+    spec = LAYER_KINDS[name]
+    keys = jax.random.split(jax.random.key(tokens), 7)
+    theta = mfattn.init_params(keys[0], 1, 9, 3, 2, init="mean_noise", scale=0.7, dtype=jnp.float64)
+    theta = jax.tree.map(lambda a: a[0], theta)
+    scale = 0.5 if spec.kind == "unnormalized" else 1.0
+    x = scale * jax.random.normal(keys[1], (tokens, 3), jnp.float64)
+    queries = jax.random.normal(keys[2], (5, 3), jnp.float64)
+    m = jax.random.uniform(keys[3], (tokens,), jnp.float64, 0.1, 1.0)
+    pad = tokens // 2 if tokens > 1 else None
+    if pad is not None:
+        m = m.at[pad].set(0.0)
+    m = m / m.sum()
+    p = jax.random.normal(keys[4], (tokens, 3), jnp.float64)
+    kw = dict(beta=2.5, radius=0.9)
+    out = {}
+    for loop in ("vmap", "lanes"):
+        a = dataclasses.replace(spec, heads=loop)
+        vel = mfattn.velocity(theta, x, x, m, attention=a, **kw)
+        vel_q = None if spec.causal else mfattn.velocity(theta, queries, x, m, attention=a, **kw)
+        field, grads = adjoint_field_and_grad_map(theta, x, p, m, attention=a, **kw)
+        big = field
+        if pad is not None:
+            big, _ = adjoint_field_and_grad_map(theta, x, p.at[pad].set(1e30), m, attention=a, **kw)
+        out[loop] = (vel, vel_q, field, grads, big)
+    (v0, q0, f0, g0, b0), (v1, q1, f1, g1, b1) = out["vmap"], out["lanes"]
+    assert rel(v1, v0) <= 1e-12
+    if q0 is not None:
+        assert rel(q1, q0) <= 1e-12
+    assert rel(f1, f0) <= 1e-12
+    for u, w in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        assert rel(u, w) <= 1e-12
+    live = np.asarray(m) > 0
+    assert np.all(np.isfinite(np.asarray(b1)[live]))
+    assert rel(np.asarray(b1)[live], np.asarray(f0)[live]) <= 1e-12  # nothing leaks from the padding token
+
+
+def test_lanes_choice():
+    """``heads="auto"`` picks the lanes kernels for many heads and few tokens, never for Sinkhorn, mixed precision
+    or query chunks; ``heads="lanes"`` forces them where supported; a bad choice is refused."""
+    from mfattn import lanes
+
+    auto = Attention()
+    assert lanes.applies(auto, lanes.LANES_MIN_HEADS, lanes.LANES_MAX_TOKENS)
+    assert not lanes.applies(auto, lanes.LANES_MIN_HEADS - 1, 4)
+    assert not lanes.applies(auto, 1024, lanes.LANES_MAX_TOKENS + 1)
+    assert lanes.applies(Attention(heads="lanes"), 1, 1000)
+    assert not lanes.applies(Attention(heads="vmap"), 1024, 4)
+    assert not lanes.applies(Attention("sinkhorn", heads="lanes"), 1024, 4)
+    assert not lanes.applies(Attention(matmul_dtype="bfloat16"), 1024, 4)
+    assert not lanes.applies(Attention(chunk=2), 1024, 4)
+    with pytest.raises((ValueError, TypeError), match="heads"):  # TypeError: the suite's runtime type checker
+        Attention(heads="fast")
