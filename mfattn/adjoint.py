@@ -50,10 +50,10 @@ from . import _checks, lanes
 from .attention import (
     Attention,
     _causal_allowed,
-    exp_cap,
     _matmul,
     _scores,
     as_attention,
+    exp_cap,
     over_heads,
     project_ball,
     project_ball_vjp,

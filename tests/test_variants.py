@@ -370,7 +370,7 @@ def test_lanes_layer_kernels_equal_vmapped(name, tokens):
         if pad is not None:
             big, _ = adjoint_field_and_grad_map(theta, x, p.at[pad].set(1e30), m, attention=a, **kw)
         out[loop] = (vel, vel_q, field, grads, big)
-    (v0, q0, f0, g0, b0), (v1, q1, f1, g1, b1) = out["vmap"], out["lanes"]
+    (v0, q0, f0, g0, _), (v1, q1, f1, g1, b1) = out["vmap"], out["lanes"]
     assert rel(v1, v0) <= 1e-12
     if q0 is not None:
         assert rel(q1, q0) <= 1e-12
