@@ -122,10 +122,10 @@ class Attention:
             and coordinate loops are unrolled (:mod:`mfattn.lanes`; many heads, few tokens: the limit);
             ``"vmap"``: ``jax.vmap`` over heads (batched matrix products); ``"sequential"``: ``lax.map`` over
             heads (one head's ``N x N`` arrays live at a time; on CPU the fastest for large ``N``).
-            ``"auto"`` (default): lanes from :data:`mfattn.lanes.LANES_MIN_HEADS` heads and up to
-            :data:`mfattn.lanes.LANES_MAX_TOKENS` tokens, else sequential on CPU from
-            :data:`SEQUENTIAL_HEADS_FROM` tokens, else vmap. Lanes needs a closed-form kind, no
-            ``matmul_dtype`` and no ``chunk``; otherwise ``"lanes"`` falls back to ``"auto"``'s other choices.
+            ``"auto"`` (default): sequential on CPU from :data:`SEQUENTIAL_HEADS_FROM` tokens, else vmap (it does
+            not pick lanes: inside the limit's solves they are slower, see :mod:`mfattn.lanes`). Lanes needs a
+            closed-form kind, no ``matmul_dtype`` and no ``chunk``; otherwise ``"lanes"`` falls back to
+            ``"auto"``'s choice.
         remat: ``True`` (default, memory-lean): the hand backward pass recomputes each layer's attention
             from the stored tokens, memory ``O(L N d + H N^2)``. ``False``: the fused hand path
             (:func:`mfattn.value_and_grad_map`, :func:`mfattn.loss_and_grad`, training) keeps every layer's

@@ -17,6 +17,15 @@ Benchmarks (``--only`` takes these names; the matmul reference always runs):
 * ``limit``: :func:`mfattn.limit.batch_grad_map` (forward Tsit5 solve, hand adjoint ODE, gradient map at every
   grid time and particle) with the fixed steps of ``mfattn rates`` (one Tsit5 step per grid interval);
 * ``compile_limit``: its compile time over grid sizes ``K`` and ensemble sizes ``M``;
+* ``limit_kernels``: the limit's operations at the rates experiment's sizes (``M`` particles, few tokens), each
+  beside the previous implementation in the same run: the velocity ``F``, the adjoint field ``G``, the gradient
+  map ``g`` of one grid time, one forward-backward solve of a batch of inputs (:func:`mfattn.limit.forward_backward`,
+  fixed-step Tsit5), one limit training step (:func:`mfattn.limit.train_step`, AdamW) and one ascent step (the
+  gradient in the input of the limit's terminal discrepancy, autodiff through the solve). ``impl="lanes"``:
+  ``Attention(heads="lanes")``, the kernels of :mod:`mfattn.lanes` (forced, also where ``heads="auto"`` would not
+  pick them: at ``N = 16`` the table shows why it does not); ``impl="vmap"``:
+  ``Attention(heads="vmap")``, the vmapped per-head kernels, unchanged, which were every layer's kernels before;
+  ``ratio`` = vmap time / lanes time;
 * ``rates``: the default ``mfattn rates`` end to end into a temporary folder (only with ``--rates``; with
   ``--quick`` the quick configuration).
 
@@ -49,6 +58,8 @@ layer and head, one sequence)::
     jax.value_and_grad       B L H (F_fwd + F_vjp)
     training step            hand (fused) + 12 P            P = 4 L H d k parameters, ~12 flops each (AdamW)
     limit batch_grad_map     B M [(6 K + 1) (F_fwd + F_G) + (K + 1) F_g]
+    limit forward_backward   B M (6 K + 1) (F_fwd + F_G)
+    limit ascent step        3 x the forward_backward count (reverse mode through the solve: ~2 more passes)
 
 for a batch of ``B`` sequences; the limit's ``M`` particles play the heads, each solve (forward, then the
 adjoint ODE) takes ``K`` Tsit5 steps of 6 new stages plus the first stage (FSAL), and the gradient map is
@@ -421,6 +432,8 @@ class Sizes:
     compile_depth: tuple  # (N, H, d, k, (L_small, L_large), functions)
     limit: tuple  # (N, d, k, K, M, B)
     compile_limit: tuple  # (N, d, k, B, ((K, M), ...))
+    limit_kernels: tuple  # ((M, N, d, k, with_solves), ...)
+    limit_solve: tuple  # (K, B): fixed Tsit5 steps and batch of the solves in limit_kernels
     compile_repeats: int
     repeats: int
     min_time: float
@@ -434,6 +447,17 @@ FULL = Sizes(
     compile_depth=(64, 4, 16, 16, (8, 1024), ("forward", "hand", "train_adjoint")),
     limit=(16, 4, 4, 16, 1024, 4),
     compile_limit=(16, 4, 4, 4, ((16, 256), (16, 4096), (64, 256), (64, 4096))),
+    limit_kernels=(
+        (32768, 4, 2, 2, True),
+        (1024, 4, 2, 2, True),
+        (1024, 16, 4, 4, False),
+        (32768, 4, 4, 4, False),
+        (32768, 16, 2, 2, False),
+        (1024, 4, 4, 4, False),
+        (1024, 16, 2, 2, False),
+        (32768, 16, 4, 4, False),
+    ),
+    limit_solve=(4, 2),
     compile_repeats=2,
     repeats=5,
     min_time=1.0,
@@ -447,6 +471,8 @@ QUICK = Sizes(
     compile_depth=(8, 2, 4, 4, (2, 64), ("hand",)),
     limit=(4, 2, 2, 2, 8, 1),
     compile_limit=(4, 2, 2, 1, ((2, 8), (2, 64))),
+    limit_kernels=((64, 4, 2, 2, False),),  # the layer kernels only: the solves' compile takes a minute
+    limit_solve=(2, 1),
     compile_repeats=1,
     repeats=2,
     min_time=0.0,
@@ -656,6 +682,112 @@ def bench_compile_limit(ctx: _Ctx) -> dict:
     return {"rows": rows}
 
 
+def _limit_ops(spec, steps: int):
+    """The limit's operations of ``limit_kernels``, each ``fn(ens, x, w, y, p) -> arrays`` with ``ens`` leaves
+    ``(K+1, M, d, k)``, ``x, y, p`` ``(B, N, d)``, ``w`` ``(B, N)``; the layer kernels use grid time 0 and
+    sequence 0."""
+    import diffrax
+    import optax
+
+    from . import limit
+    from .adjoint import adjoint_field, grad_map
+    from .attention import velocity
+
+    loss = _loss()
+    solve = dict(
+        solver=diffrax.Tsit5(),
+        stepsize_controller=diffrax.ConstantStepSize(),
+        dt0=1.0 / steps,
+        max_steps=steps + 1,
+        attention=spec,
+    )
+    ts = jnp.linspace(0.0, 1.0, steps + 1, dtype=DTYPE)
+    opt = optax.adamw(1e-3)
+    layer = lambda ens: jax.tree.map(lambda a: a[0], ens)  # noqa: E731
+
+    def fb(ens, x, w, y):
+        return jax.vmap(
+            lambda x, w, y: limit.forward_backward(ens, x, loss, beta=BETA, ts=ts, weights=w, targets=y, **solve)
+        )(x, w, y)
+
+    def train(ens, x, w, y, p):
+        state = limit.LimitState(ens, opt.init(ens))
+        new, metrics = limit.train_step(state, (x, w, y), loss=loss, optimizer=opt, beta=BETA, **solve)
+        return new.ensemble, metrics["loss"]
+
+    def ascent(ens, x, w, y, p):
+        def disc(x0):  # the limit's terminal tokens and adjoints against a fixed reference (one sequence)
+            _, xs, ps = limit.forward_backward(ens, x0, loss, beta=BETA, ts=ts, weights=w[0], targets=y[0], **solve)
+            return jnp.sum((xs - p[0]) ** 2) + jnp.sum((ps - p[0]) ** 2)
+
+        return jax.value_and_grad(disc)(x[0])
+
+    return {
+        "velocity": lambda ens, x, w, y, p: velocity(
+            layer(ens), x[0], x[0], w[0], beta=BETA, attention=spec, check=False
+        ),
+        "adjoint_field": lambda ens, x, w, y, p: adjoint_field(
+            layer(ens), x[0], p[0], w[0], beta=BETA, attention=spec, check=False
+        ),
+        "grad_map": lambda ens, x, w, y, p: grad_map(
+            layer(ens), x[0], p[0], w[0], beta=BETA, attention=spec, check=False
+        ),
+        "forward_backward": lambda ens, x, w, y, p: fb(ens, x, w, y),
+        "train_step": train,
+        "ascent_step": ascent,
+    }
+
+
+def _limit_op_flops(op, n, d, k, steps, particles, batch) -> int:
+    solve = batch * particles * (6 * steps + 1) * (head_flops(n, d, k, "fwd") + head_flops(n, d, k, "field"))
+    return {
+        "velocity": particles * head_flops(n, d, k, "fwd"),
+        "adjoint_field": particles * head_flops(n, d, k, "field"),
+        "grad_map": particles * head_flops(n, d, k, "grad"),
+        "forward_backward": solve,
+        "train_step": flops_limit(n, d, k, steps, particles, batch),
+        "ascent_step": 3 * solve // batch,
+    }[op]
+
+
+def bench_limit_kernels(ctx: _Ctx) -> dict:
+    from .attention import Attention
+
+    steps, batch = ctx.sizes.limit_solve
+    rows = []
+    for particles, n, d, k, with_solves in ctx.sizes.limit_kernels:
+        ens = _params(steps + 1, particles, d, k, seed=3, tie_depth=True)
+        x, y = _data(n, d, batch)
+        p = _data(n, d, batch, seed=4)[0]
+        args = (ens, x, _uniform_weights(n, batch), y, p)
+        ops = {impl: _limit_ops(Attention(heads=impl), steps) for impl in ("vmap", "lanes")}
+        names = list(ops["lanes"]) if with_solves else ["velocity", "adjoint_field", "grad_map"]
+        for op in names:
+            pair = {}
+            for impl in ("vmap", "lanes"):  # side by side, the previous implementation first
+                flops = _limit_op_flops(op, n, d, k, steps, particles, batch)
+                r = ctx.measure(ops[impl][op], *args, flops=flops)
+                row = {"case": f"limit_kernels {op}", "fn": f"{op[:9]}:{impl}", "impl": impl, "op": op}
+                row.update(
+                    N=n,
+                    K=steps,
+                    M=particles,
+                    L=steps,
+                    H=particles,
+                    d=d,
+                    k=k,
+                    B=batch if op in ("forward_backward", "train_step") else 1,
+                )
+                row.update(dtype="float32", **r)
+                pair[impl] = row
+            pair["lanes"]["ratio"] = pair["vmap"]["median_s"] / pair["lanes"]["median_s"]
+            pair["lanes"]["compile_ratio"] = pair["vmap"]["compile_s"] / pair["lanes"]["compile_s"]
+            for row in pair.values():
+                ctx.log(row)
+                rows.append(row)
+    return {"rows": rows}
+
+
 def bench_rates(ctx: _Ctx) -> dict:
     if not ctx.rates:
         return {"rows": [], "skipped": "pass --rates to run the default mfattn rates (about 5 minutes)"}
@@ -688,6 +820,7 @@ BENCHMARKS: dict[str, Callable[[_Ctx], dict]] = {
     "compile_depth": bench_compile_depth,
     "limit": bench_limit,
     "compile_limit": bench_compile_limit,
+    "limit_kernels": bench_limit_kernels,
     "rates": bench_rates,
 }
 
@@ -823,6 +956,16 @@ def evaluate_targets(results: dict, sizes: Sizes, quick: bool) -> list[dict]:
                 )
     else:
         targets.append(_target("limit compile flat in M", None, 1.3, "max"))
+    # limit kernels (issue 13): each operation >= 10x the vmapped kernels at M = 32768, N = 4, d = k = 2, and the
+    # layer kernels at >= 5% of the matmul rate
+    big = [r for r in _rows(results, "limit_kernels", impl="lanes") if (r["M"], r["N"], r["d"]) == (32768, 4, 2)]
+    for r in big:
+        targets.append(_target(f"limit {r['op']} >= 10x vmap (M=32768 N=4 d=k=2)", r.get("ratio"), 10.0, "min"))
+        if r["op"] in ("velocity", "adjoint_field", "grad_map"):
+            frac = r.get("frac_matmul")
+            targets.append(
+                _target(f"limit {r['op']} >= 5% of matmul rate", None if frac is None else 100 * frac, 5.0, "min")
+            )
     # rates
     rows = _rows(results, "rates", fn="rates")
     targets.append(
@@ -860,6 +1003,8 @@ def format_row(r: dict) -> str:
         parts.append(f"{r['over_autodiff']:.2f}x autodiff")
     if "over_forward" in r:
         parts.append(f"{r['over_forward']:.2f}x forward")
+    if "ratio" in r:
+        parts.append(f"{r['ratio']:.2f}x faster than vmap (compile {r['compile_ratio']:.2f}x)")
     if "skipped" in r:
         parts.append("not run: " + r["skipped"])
     ratio = ", ".join(parts)

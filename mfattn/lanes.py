@@ -11,10 +11,15 @@ operation on ``(Nq, P)`` or ``(P,)`` arrays, which XLA fuses into a few loops ov
 matrix product (one GEMM call per head), no reduction over a small axis, no transpose. The heads' mean (the
 velocity and the adjoint field) is the only reduction, over the head axis.
 
-Why. At the rates experiment's sizes (``P = 32768`` particles, ``N = 4``, ``d = k = 2``) the vmapped per-head
-kernels spend their time in per-head GEMM calls and small-axis reductions; see ``benchmarks/limit_kernels.py``
-for the measured ratio on this machine. The unrolled code has ``O(N^2 k)`` operations, so compile time grows with
-``N``: :data:`LANES_MAX_TOKENS` bounds the automatic choice (:func:`applies`).
+Measured (``mfattn bench --only limit_kernels``, ``benchmarks/results/limit_kernels.json``; 2-core CPU, float32,
+``P = 32768``, ``N = 4``, ``d = k = 2``): the layer kernels alone run 3-4x faster than the vmapped ones (velocity,
+adjoint field, gradient map), and compile about twice as slowly (each solver stage inlines its own copy). Inside
+the limit's solves they are *slower* (one forward-backward solve 0.73x, a training step 0.84x): there the heads
+are the interpolation ``param_at`` of the ensemble at a traced time, a dynamic slice that XLA fuses into the
+kernel's loops (a velocity behind ``param_at`` takes 10 ms, on the same heads precomputed 2.1 ms; an optimisation
+barrier, or the ensemble stored head-axis-last, does not change it). So ``Attention(heads="auto")`` does not
+pick them; ``heads="lanes"`` asks for them. At ``N = 16`` they are slower than the vmapped kernels and compile in
+tens of seconds (``O(N^2 k)`` unrolled operations).
 
 Scope: the closed-form kinds (softmax, unnormalised, L2, sigmoid), causal masking, padding tokens of weight 0, the
 projection ``Pi_R`` of the measure. Sinkhorn, ``matmul_dtype``, ``chunk`` and kept attention (``remat=False``) use
@@ -29,15 +34,7 @@ import numpy as np
 
 from .attention import Attention, exp_cap, project_ball, project_ball_vjp
 
-__all__ = ["LANES_MAX_TOKENS", "LANES_MIN_HEADS", "supported", "applies", "velocity", "backward"]
-
-#: ``Attention(heads="auto")`` uses the lanes kernels up to this many tokens (query and key count): the unrolled
-#: program has ``O(N^2 k)`` operations, so its run and compile time grow faster with ``N`` than the vmapped
-#: kernels' (measured in ``benchmarks/limit_kernels.py``).
-LANES_MAX_TOKENS = 8
-#: ... and from this many heads on (few heads and many tokens is the discrete model's regime, where the vmapped
-#: kernels' matrix products are the right tool).
-LANES_MIN_HEADS = 8
+__all__ = ["supported", "applies", "velocity", "backward"]
 
 
 def supported(spec: Attention) -> bool:
@@ -46,14 +43,11 @@ def supported(spec: Attention) -> bool:
 
 
 def applies(spec: Attention, heads: int, tokens: int) -> bool:
-    """Whether a layer with ``heads`` heads and ``tokens`` tokens runs on the lanes kernels under ``spec.heads``:
-    ``"lanes"`` -- always when :func:`supported`; ``"auto"`` -- when supported, ``heads >= LANES_MIN_HEADS`` and
-    ``tokens <= LANES_MAX_TOKENS``; ``"vmap"``, ``"sequential"`` -- never."""
-    if not supported(spec):
-        return False
-    if spec.heads == "lanes":
-        return True
-    return spec.heads == "auto" and heads >= LANES_MIN_HEADS and tokens <= LANES_MAX_TOKENS
+    """Whether a layer with ``heads`` heads and ``tokens`` tokens runs on the lanes kernels: only when asked for
+    (``spec.heads == "lanes"``) and :func:`supported`. ``"auto"`` does not pick them (see the module docstring:
+    inside the limit's solves they are slower). ``heads`` and ``tokens`` are for a size rule once one pays."""
+    del heads, tokens
+    return spec.heads == "lanes" and supported(spec)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -77,7 +71,8 @@ def _rows_sum(a):
 
 def _entries(w):
     """``[a][c]``: the entries ``W[:, a, c]`` of every head, each a ``(P,)`` vector."""
-    return [[w[:, a, c] for c in range(w.shape[2])] for a in range(w.shape[1])]
+    t = jnp.moveaxis(w, 0, -1)  # (d, k, P): each entry contiguous
+    return [[t[a, c] for c in range(w.shape[2])] for a in range(w.shape[1])]
 
 
 def _project(points, w):

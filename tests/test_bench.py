@@ -85,6 +85,11 @@ def test_quick_suite(tmp_path):
     fns = {r["fn"] for r in data["benchmarks"]["grad"]["rows"]}
     assert {"forward", "autodiff"} | {v.name for v in bench.GRAD_VARIANTS} <= fns
     assert {r["fn"] for r in data["benchmarks"]["train"]["rows"]} == {"train_adjoint", "train_autodiff"}
+    lk = data["benchmarks"]["limit_kernels"]["rows"]
+    assert {(r["op"], r["impl"]) for r in lk} == {
+        (o, i) for o in ("velocity", "adjoint_field", "grad_map") for i in ("vmap", "lanes")
+    }
+    assert all(_finite_pos(r["ratio"]) for r in lk if r["impl"] == "lanes")
     statuses = {t["target"]: t["status"] for t in data["targets"]}
     assert any(t.startswith("forward >=") for t in statuses)
     assert any("fits in 4 GiB" in t for t in statuses)
