@@ -1004,7 +1004,7 @@ def format_row(r: dict) -> str:
     if "over_forward" in r:
         parts.append(f"{r['over_forward']:.2f}x forward")
     if "ratio" in r:
-        parts.append(f"{r['ratio']:.2f}x faster than vmap (compile {r['compile_ratio']:.2f}x)")
+        parts.append(f"vmap / lanes time {r['ratio']:.2f}x, compile {r['compile_ratio']:.2f}x")
     if "skipped" in r:
         parts.append("not run: " + r["skipped"])
     ratio = ", ".join(parts)
