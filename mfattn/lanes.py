@@ -4,17 +4,18 @@ The forward velocity ``F``, the adjoint field ``G`` and the gradient map ``g`` o
 :mod:`mfattn.adjoint`, the same formulas (docs/spec.md sections 2 and 4), written for the sizes of the mean-field
 limit: ``P`` (thousands of particles) large, ``N`` (tokens), ``d`` and ``k`` small.
 
-Layout. The heads stay in the library's layout (leaves ``(P, d, k)``); each entry ``W[:, a, c]`` is read as a
-vector over the heads. The token, coordinate and head-dimension loops (``N``, ``d``, ``k``) are unrolled in
+Layout. The heads arrive in the library's layout (leaves ``(P, d, k)``) and are transposed once to ``(d, k, P)``,
+so that each entry ``W[:, a, c]`` is a contiguous vector over the heads. The token, coordinate and head-dimension loops (``N``, ``d``, ``k``) are unrolled in
 Python, so each quantity of the kernel (a score ``s_ij``, a weight, an attended value) is one elementwise
 operation on ``(Nq, P)`` or ``(P,)`` arrays, which XLA fuses into a few loops over the heads: no batched tiny
-matrix product (one GEMM call per head), no reduction over a small axis, no transpose. The heads' mean (the
+matrix product (one GEMM call per head), no reduction over a small axis. The heads' mean (the
 velocity and the adjoint field) is the only reduction, over the head axis.
 
 Measured (``mfattn bench --only limit_kernels``, ``benchmarks/results/limit_kernels.json``; 2-core CPU, float32,
-``P = 32768``, ``N = 4``, ``d = k = 2``): the layer kernels alone run 3-4x faster than the vmapped ones (velocity,
+``P = 32768``, ``N = 4``, ``d = k = 2``): the layer kernels alone run 2.3-4.1x faster than the vmapped ones (velocity,
 adjoint field, gradient map), and compile about twice as slowly (each solver stage inlines its own copy). Inside
-the limit's solves they are *slower* (one forward-backward solve 0.73x, a training step 0.84x): there the heads
+the limit's solves they do not pay (one forward-backward solve 0.74x, a training step 1.05x, an ascent step
+0.68x; at ``P = 1024`` 1.3-1.45x): there the heads
 are the interpolation ``param_at`` of the ensemble at a traced time, a dynamic slice that XLA fuses into the
 kernel's loops (a velocity behind ``param_at`` takes 10 ms, on the same heads precomputed 2.1 ms; an optimisation
 barrier, or the ensemble stored head-axis-last, does not change it). So ``Attention(heads="auto")`` does not
