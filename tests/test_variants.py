@@ -100,8 +100,13 @@ def rel(a, b):
     return np.linalg.norm(a - b) / den if den > 0 else np.linalg.norm(a - b)
 
 
-@pytest.mark.parametrize("c", CASES, ids=str)
-@pytest.mark.parametrize("name", list(VARIANTS))
+# The lanes variants run the first two cases (large beta with padding and Pi_R; N = 1, H = 1): the rates-size
+# case is covered for them by test_lanes_layer_kernels_equal_vmapped and the limit's lanes test, and each oracle
+# case costs a compile of its mixed second derivatives (CI time).
+ORACLE_CASES = [(n, c) for n in VARIANTS for c in CASES if not (n.startswith("lanes-") and c is CASES[2])]
+
+
+@pytest.mark.parametrize("name, c", ORACLE_CASES, ids=lambda v: str(v))
 def test_variant_against_oracle(name, c):
     spec = VARIANTS[name]
     if spec.kind == "unnormalized":  # e^{s} without normalisation overflows at large beta by design
