@@ -100,10 +100,10 @@ def rel(a, b):
     return np.linalg.norm(a - b) / den if den > 0 else np.linalg.norm(a - b)
 
 
-# The lanes variants run the first two cases (large beta with padding and Pi_R; N = 1, H = 1): the rates-size
-# case is covered for them by test_lanes_layer_kernels_equal_vmapped and the limit's lanes test, and each oracle
-# case costs a compile of its mixed second derivatives (CI time).
-ORACLE_CASES = [(n, c) for n in VARIANTS for c in CASES if not (n.startswith("lanes-") and c is CASES[2])]
+# The lanes variants run the first case (large beta with padding and Pi_R): N = 1 and the rates sizes are covered
+# for them by test_lanes_layer_kernels_equal_vmapped and the limit's lanes test, and each oracle case costs a
+# compile of its mixed second derivatives (CI time).
+ORACLE_CASES = [(n, c) for n in VARIANTS for c in CASES if not (n.startswith("lanes-") and c is not CASES[0])]
 
 
 @pytest.mark.parametrize("name, c", ORACLE_CASES, ids=lambda v: str(v))
@@ -342,13 +342,13 @@ LAYER_KINDS = {
 }
 
 
-@pytest.mark.parametrize("tokens", [1, 4, 7])
+@pytest.mark.parametrize("tokens", [1, 5])
 @pytest.mark.parametrize("name", list(LAYER_KINDS))
 def test_lanes_layer_kernels_equal_vmapped(name, tokens):
     """One layer's velocity (also at queries that are not the tokens), adjoint field and gradient maps of the lanes
-    kernels equal the vmapped kernels' to 1e-12 relative (float64, 9 heads, non-uniform weights, a padding token
-    whose adjoint is 1e30 -- it must not leak -- and the projection Pi_R). The padding token's own adjoint field is
-    compared where it is well conditioned (its adjoint 1)."""
+    kernels equal the vmapped kernels' to 1e-12 relative (float64, N = 1 and N = 5, 9 heads, non-uniform weights,
+    a padding token whose adjoint is 1e30 -- it must not leak -- and the projection Pi_R). The padding token's own
+    adjoint field is compared where it is well conditioned (its adjoint 1)."""
     from mfattn.adjoint import adjoint_field_and_grad_map
 
     spec = LAYER_KINDS[name]
