@@ -4,12 +4,12 @@ The forward velocity ``F``, the adjoint field ``G`` and the gradient map ``g`` o
 :mod:`mfattn.adjoint`, the same formulas (docs/spec.md sections 2 and 4), written for the sizes of the mean-field
 limit: ``P`` (thousands of particles) large, ``N`` (tokens), ``d`` and ``k`` small.
 
-Layout. The heads arrive in the library's layout (leaves ``(P, d, k)``) and are transposed once to ``(d, k, P)``,
-so that each entry ``W[:, a, c]`` is a contiguous vector over the heads. The token, coordinate and head-dimension loops (``N``, ``d``, ``k``) are unrolled in
-Python, so each quantity of the kernel (a score ``s_ij``, a weight, an attended value) is one elementwise
-operation on ``(Nq, P)`` or ``(P,)`` arrays, which XLA fuses into a few loops over the heads: no batched tiny
-matrix product (one GEMM call per head), no reduction over a small axis. The heads' mean (the
-velocity and the adjoint field) is the only reduction, over the head axis.
+Layout. The heads arrive in the library's layout (leaves ``(P, d, k)``) and are transposed once to ``(d, k, P)``, so
+that each entry ``W[:, a, c]`` is a contiguous vector over the heads. The token, coordinate and head-dimension loops
+(``N``, ``d``, ``k``) are unrolled in Python, so each quantity of the kernel (a score ``s_ij``, a weight, an
+attended value) is one elementwise operation on ``(Nq, P)`` or ``(P,)`` arrays, which XLA fuses into a few loops
+over the heads: no batched tiny matrix product (one GEMM call per head), no reduction over a small axis. The heads'
+mean (the velocity and the adjoint field) is the only reduction, over the head axis.
 
 Measured (``mfattn bench --only limit_kernels``, ``benchmarks/results/limit_kernels.json``; 2-core CPU, float32,
 ``P = 32768``, ``N = 4``, ``d = k = 2``): the layer kernels alone run 2.3-4.1x faster than the vmapped ones (velocity,
