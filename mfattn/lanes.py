@@ -13,9 +13,9 @@ mean (the velocity and the adjoint field) is the only reduction, over the head a
 
 Measured (``mfattn bench --only limit_kernels``, ``benchmarks/results/limit_kernels.json``; 2-core CPU, float32,
 ``P = 32768``, ``N = 4``, ``d = k = 2``): the layer kernels alone run 2.3-4.1x faster than the vmapped ones (velocity,
-adjoint field, gradient map), and compile about twice as slowly (each solver stage inlines its own copy). Inside
+adjoint field, gradient map), and compile 2-3 times as slowly (each solver stage inlines its own copy). Inside
 the limit's solves they do not pay (one forward-backward solve 0.74x, a training step 1.05x, an ascent step
-0.68x; at ``P = 1024`` 1.3-1.45x): there the heads
+0.68x; at ``P = 1024`` 1.28-1.45x): there the heads
 are the interpolation ``param_at`` of the ensemble at a traced time, a dynamic slice that XLA fuses into the
 kernel's loops (a velocity behind ``param_at`` takes 10 ms, on the same heads precomputed 2.1 ms; an optimisation
 barrier, or the ensemble stored head-axis-last, does not change it). So ``Attention(heads="auto")`` does not
