@@ -201,7 +201,7 @@ def _backward(theta, tokens, adjoints, weights, beta, radius, *, field, grad, at
     beta = beta * spec.scale(theta.wq.shape[-1])
     if spec.kind == "sinkhorn":
         return _autodiff_backward(spec, theta, tokens, adjoints, weights, beta, radius, field=field, grad=grad)
-    if cache is None and lanes.applies(spec, theta.wq.shape[0], tokens.shape[0]):
+    if cache is None and lanes.applies(spec):
         g_field, g = lanes.backward(
             theta, tokens, adjoints, weights, beta=beta, radius=radius, spec=spec, field=field, grad=grad
         )

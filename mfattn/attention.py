@@ -449,9 +449,9 @@ def velocity(
         )
     beta = beta * spec.scale(theta.wq.shape[-1])
     n_tokens = max(queries.shape[0], tokens.shape[0])
-    from . import lanes  # noqa: PLC0415  (lanes builds on this module)
+    from . import lanes  # lanes builds on this module: imported here, not at the top
 
-    if lanes.applies(spec, theta.wq.shape[0], n_tokens):
+    if lanes.applies(spec):
         return lanes.velocity(theta, queries, tokens, weights, beta=beta, radius=radius, spec=spec)
     keys = project_ball(tokens, radius)
     heads = over_heads(

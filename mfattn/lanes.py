@@ -43,11 +43,10 @@ def supported(spec: Attention) -> bool:
     return spec.kind != "sinkhorn" and spec.matmul_dtype is None and spec.chunk is None
 
 
-def applies(spec: Attention, heads: int, tokens: int) -> bool:
-    """Whether a layer with ``heads`` heads and ``tokens`` tokens runs on the lanes kernels: only when asked for
-    (``spec.heads == "lanes"``) and :func:`supported`. ``"auto"`` does not pick them (see the module docstring:
-    inside the limit's solves they are slower). ``heads`` and ``tokens`` are for a size rule once one pays."""
-    del heads, tokens
+def applies(spec: Attention) -> bool:
+    """Whether a layer runs on the lanes kernels: only when asked for (``spec.heads == "lanes"``) and
+    :func:`supported`. ``"auto"`` does not pick them (see the module docstring: inside the limit's solves they are
+    slower); a size rule would go here once one pays."""
     return spec.heads == "lanes" and supported(spec)
 
 
