@@ -223,16 +223,51 @@ def test_search_never_lowers_the_estimate_and_reports_its_gain(getkey):
     task = driver._task(cfg, 3, 2)
     problem = driver._problem(cfg, task, 3, 2)
     reps = driver._replicas(cfg, getkey(), 3, 64, 2)
-    disc = driver._discrete(cfg, [0, 1], [(2, 1), (2, 2)], 2, "t")
+    disc = driver._discrete(cfg, [0, 1], [(2, 1), (2, 2), (4, 2)], 2, "t")
     cand = jnp.asarray(driver._train_like(cfg, task, getkey(), 4))
-    w = jnp.full((3,), 1 / 3)
-    exact = core.evaluate(problem, reps, disc, cand, w, 2).err
-    sur = core.surrogate(reps, 8, 2, problem.grid)
-    res = rates.search.sup_search(problem, sur, disc, cand, exact, w, 2, radius=1.0, starts=1, steps=2, step_size=0.1,
-                                  rounds=2, tol=0.05)  # fmt: skip
-    assert res.value.shape == (2, 2) and np.all(res.value >= res.candidate_value - 1e-12)
+    w = jnp.asarray([0.5, 0.3, 0.2])
+    exact, paths = core.evaluate_and_paths(problem, reps, disc, cand, w, 4)
+    exact = np.asarray(exact.err)
+    sur = core.surrogate(reps, 8, 4, problem.grid)
+    kw = dict(radius=1.0, starts=1, step_size=0.1, tol=0.05)
+    res = rates.search.sup_search(problem, sur, disc, cand, paths, exact, w, 4, steps=2, rounds=2, **kw)
+    assert res.value.shape == (2, 3) and np.all(res.value >= res.candidate_value)
+    assert np.allclose(res.candidate_value, exact.max(-1))
     assert np.all(res.converged == (res.gain < 0.05))
     assert np.all(np.linalg.norm(res.argmax, axis=-1) <= 1.0 + 1e-9)  # the search stays in the ball
+    # The corrected surrogate is exact at its starts: with no ascent step, every start's value is its exact error
+    # (the uncorrected 8-particle surrogate is not).
+    res0 = rates.search.sup_search(problem, sur, disc, cand, paths, exact, w, 4, steps=0, rounds=1, **kw)
+    assert np.allclose(res0.value, exact.max(-1), rtol=1e-10) and np.all(res0.gain == 0)
+    pg = rates.search.point_gain(res.value, res.gain)
+    assert pg.shape == (3,) and np.all(pg >= 0) and np.all(pg <= np.nanmax(res.gain, axis=0) + 1e-12)
+    # A point's gain is that of the rms over seeds: seeds at 1 (no gain) and 2 (from 1) give sqrt(5 / 2) - 1.
+    assert np.isclose(rates.search.point_gain([1.0, 2.0], [0.0, 1.0]), np.sqrt(2.5) - 1)
+    grp, g = rates.search.point_layout(disc)
+    assert list(grp) == [0, 0, 1] and list(g) == [0, 1, 0]
+    rows, idx = jnp.asarray([0, 1]), jnp.asarray([1, 0])
+    zero = tuple(jnp.zeros((2, *a.shape[1:])) for a in paths)
+    raw, _ = core.surrogate_values_and_grads(problem, sur, disc[0], cand[:2], w, rows, idx, zero, 4)
+    assert not np.allclose(raw, exact[[0, 1], [1, 0], [0, 1]], rtol=1e-3)
+
+
+def test_the_maximisers_rows_equal_the_full_evaluation(getkey):
+    """:func:`core.evaluate_rows` (one row per input) gives the numbers of :func:`core.evaluate` (every seed and point
+    at every input) for its row."""
+    cfg = load_config(quick=True, overrides={"precision": "float64"})
+    task = driver._task(cfg, 3, 2)
+    problem = driver._problem(cfg, task, 3, 2)
+    reps = driver._replicas(cfg, getkey(), 3, 64, 2)
+    disc = driver._discrete(cfg, [0, 1], [(2, 1), (2, 2), (4, 2)], 2, "t")
+    xs = np.asarray(driver._train_like(cfg, task, getkey(), 6)).reshape(2, 3, 3, 2)  # one input per (seed, point)
+    w = jnp.asarray([0.5, 0.3, 0.2])
+    rows = driver._evaluate_maximisers(problem, reps, disc, xs, w, 4, chunk=2, progress=None)
+    full = core.evaluate(problem, reps, disc, jnp.asarray(xs.reshape(6, 3, 2)), w, 4)
+    diag = np.arange(6).reshape(2, 3)
+    pick = lambda a: np.take_along_axis(np.asarray(a), diag[..., None], -1)[..., 0]  # noqa: E731
+    np.testing.assert_allclose(rows.err, pick(full.err), rtol=1e-10)
+    np.testing.assert_allclose(rows.fluct, pick(full.fluct), rtol=1e-10)
+    np.testing.assert_allclose(rows.mc, np.asarray(full.mc)[np.arange(3)[None], diag], rtol=1e-10)
 
 
 # ------------------------------------------------------------------------------------------------ end to end

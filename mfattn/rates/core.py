@@ -40,10 +40,16 @@ __all__ = [
     "SeedState",
     "Errors",
     "train_step",
+    "RowErrors",
     "evaluate",
+    "evaluate_and_paths",
+    "evaluate_rows",
+    "surrogate",
+    "surrogate_paths",
     "surrogate_values_and_grads",
     "sign_fraction",
     "depth_spread",
+    "euler_heads",
     "param_gap",
     "stack",
 ]
@@ -205,19 +211,52 @@ def _point_errors(problem: Problem, discrete: tuple, euler: tuple, x, w, y, xr, 
 
 
 @eqx.filter_jit
-def evaluate(problem: Problem, reps: Params, discrete: tuple, xs, w, lmax: int) -> Errors:
+def evaluate_and_paths(problem: Problem, reps: Params, discrete: tuple, xs, w, lmax: int) -> tuple:
     """:class:`Errors` of every seed and point on the inputs ``xs`` (``(C, N, d)``, masses ``w``) against the
     limit's replicas ``reps`` (one solve per replica and input, shared by every seed and point) and its Euler
-    limits (one per depth)."""
+    limits (one per depth); and the pooled limit's paths ``(x, p)``, each ``(C, lmax + 1, N, d)``."""
     euler = euler_heads(reps, discrete, problem.grid)
 
     def one(x):
         y = problem.task.target(x, w)
         xr, pr = jax.vmap(lambda e: problem.limit_paths(e, x, w, y, lmax))(reps)
-        return _point_errors(problem, discrete, euler, x, w, y, xr, pr, lmax)
+        errs = _point_errors(problem, discrete, euler, x, w, y, xr, pr, lmax)
+        return errs, (jnp.mean(xr, axis=0), jnp.mean(pr, axis=0))
 
-    parts = jax.lax.map(one, xs)  # inputs one after another: memory bounded by one input
-    return Errors(*(jnp.moveaxis(a, 0, -1) for a in parts))
+    parts, paths = jax.lax.map(one, xs)  # inputs one after another: memory bounded by one input
+    return Errors(*(jnp.moveaxis(a, 0, -1) for a in parts)), paths
+
+
+def evaluate(problem: Problem, reps: Params, discrete: tuple, xs, w, lmax: int) -> Errors:
+    """:func:`evaluate_and_paths` without the paths."""
+    return evaluate_and_paths(problem, reps, discrete, xs, w, lmax)[0]
+
+
+class RowErrors(NamedTuple):
+    """The exact errors of single (seed, head count, input) rows of one depth group, each ``(Q,)``: ``err`` and its
+    Monte-Carlo error ``mc``, the fluctuation part ``fluct`` (against the depth's Euler limit)."""
+
+    err: jax.Array
+    mc: jax.Array
+    fluct: jax.Array
+
+
+@eqx.filter_jit
+def evaluate_rows(problem: Problem, reps: Params, group: Params, euler: Params, xs, w, rows, gidx, lmax: int):
+    """:class:`RowErrors` of row ``q``: seed ``rows[q]`` and head count ``gidx[q]`` of the depth group ``group``
+    (leaves ``(S, G, L, H_max, d, k)``, Euler heads ``euler`` from :func:`euler_heads`) at the input ``xs[q]``.
+    The same numbers as :func:`evaluate` at a fraction of its work when each input belongs to one row (the search's
+    maximisers): one limit solve per row, one discrete model."""
+
+    def one(args):
+        x, s, g = args
+        y = problem.task.target(x, w)
+        xr, pr = jax.vmap(lambda e: problem.limit_paths(e, x, w, y, lmax))(reps)
+        mine = jax.tree.map(lambda a: a[s, g][None, None], group)
+        e = _point_errors(problem, (mine,), (euler,), x, w, y, xr, pr, lmax)
+        return e[0][0, 0], e[5][0], e[6][0, 0]
+
+    return RowErrors(*jax.lax.map(one, (xs, rows, gidx)))
 
 
 def surrogate(reps: Params, particles: int, lmax: int, grid) -> Params:
@@ -228,41 +267,32 @@ def surrogate(reps: Params, particles: int, lmax: int, grid) -> Params:
 
 
 @eqx.filter_jit
-def surrogate_values_and_grads(problem: Problem, sur: Params, discrete: tuple, xs, w, rows, idx, lmax: int):
-    """Surrogate error of row ``r``: seed ``rows[r]``, point ``idx[r]`` at input ``xs[r]``; and its gradient in the
-    input. ``(Q,)`` values and ``(Q, N, d)`` gradients for ``Q`` rows."""
+def surrogate_paths(problem: Problem, sur: Params, xs, w):
+    """The cheap limit's paths ``(x, p)`` at the inputs ``xs``: each ``(C, lmax + 1, N, d)``."""
 
-    def err(x, s, i):
-        y = problem.task.target(x, w)
-        xl, pl = problem.discrete_paths(sur, x, w, y)
-        mine = tuple(jax.tree.map(lambda a: a[s], p) for p in discrete)
-        vals = []
-        for params in mine:  # (G, L, H_max, d, k)
-            stride = lmax // params.wq.shape[1]
-            xd, pd = jax.vmap(lambda p: problem.discrete_paths(p, x, w, y))(params)
-            sq = _d2(xd, xl[::stride]) + _d2(pd, pl[::stride])
-            vals.append(jnp.sqrt(jnp.max(_masked(sq, w), axis=(-2, -1))))
-        return jnp.concatenate(vals)[i]
+    def one(x):
+        return problem.discrete_paths(sur, x, w, problem.task.target(x, w))
 
-    return jax.vmap(jax.value_and_grad(err))(xs, rows, idx)
+    return jax.lax.map(one, xs)
 
 
 @eqx.filter_jit
-def surrogate_values(problem: Problem, sur: Params, discrete: tuple, xs, w, lmax: int):
-    """Surrogate errors of every seed and point on the inputs ``xs``: ``(S, P, C)``."""
+def surrogate_values_and_grads(problem: Problem, sur: Params, group: Params, xs, w, rows, gidx, offsets, lmax: int):
+    """The corrected surrogate error of row ``q`` and its gradient in the input: seed ``rows[q]``, head count
+    ``gidx[q]`` of the depth group ``group`` (leaves ``(S, G, L, H_max, d, k)``) at the input ``xs[q]``, against
+    the cheap limit's paths plus the row's constant ``offsets[q]`` (two ``(Q, lmax + 1, N, d)``: the full limit's
+    paths minus the cheap limit's at the row's start, so that the surrogate is exact there). ``(Q,)`` values and
+    ``(Q, N, d)`` gradients for ``Q`` rows."""
+    stride = lmax // group.wq.shape[2]
 
-    def one(x):
+    def err(x, s, g, dx, dp):
         y = problem.task.target(x, w)
         xl, pl = problem.discrete_paths(sur, x, w, y)
-        vals = []
-        for params in discrete:
-            stride = lmax // params.wq.shape[2]
-            xd, pd = jax.vmap(jax.vmap(lambda p: problem.discrete_paths(p, x, w, y)))(params)
-            sq = _d2(xd, xl[::stride]) + _d2(pd, pl[::stride])
-            vals.append(jnp.sqrt(jnp.max(_masked(sq, w), axis=(-2, -1))))
-        return jnp.concatenate(vals, axis=-1)  # (S, P)
+        xd, pd = problem.discrete_paths(jax.tree.map(lambda a: a[s, g], group), x, w, y)
+        sq = _d2(xd, (xl + dx)[::stride]) + _d2(pd, (pl + dp)[::stride])
+        return jnp.sqrt(jnp.max(_masked(sq, w), axis=(-2, -1)))
 
-    return jnp.moveaxis(jax.lax.map(one, xs), 0, -1)
+    return jax.vmap(jax.value_and_grad(err))(xs, rows, gidx, *offsets)
 
 
 def _flat_heads(p: Params) -> Params:

@@ -33,7 +33,7 @@ from ..params import init_params
 from ..tasks import TargetMeasure, TeacherStudent
 from . import core
 from .config import RatesConfig
-from .search import sup_search
+from .search import point_layout, sup_search
 
 __all__ = ["Group", "groups", "FAMILIES", "run_control", "run_group", "mesh", "place"]
 
@@ -170,19 +170,45 @@ def _inputs(cfg: RatesConfig, task, n: int, d: int):
     return test, np.concatenate(cand), labels
 
 
-def _evaluate(problem, reps, discrete, xs, w, lmax, *, chunk: int, progress) -> core.Errors:
-    """:func:`core.evaluate` in chunks of ``chunk`` inputs (one compiled shape; progress after each)."""
-    parts = []
+def _evaluate(problem, reps, discrete, xs, w, lmax, *, chunk: int, progress) -> tuple:
+    """:func:`core.evaluate_and_paths` in chunks of ``chunk`` inputs (one compiled shape; progress after each)."""
+    parts, paths = [], []
     for lo in range(0, xs.shape[0], chunk):
         part = xs[lo : lo + chunk]
         n = part.shape[0]
         if n < chunk:
             part = np.concatenate([part, np.repeat(part[-1:], chunk - n, 0)])
-        e = core.evaluate(problem, reps, discrete, jnp.asarray(part), w, lmax)
+        e, z = core.evaluate_and_paths(problem, reps, discrete, jnp.asarray(part), w, lmax)
         parts.append(jax.tree.map(lambda a: np.asarray(a)[..., :n], e))  # noqa: B023
+        paths.append(jax.tree.map(lambda a: np.asarray(a)[:n], z))  # noqa: B023
         if progress is not None:
             progress(n)
-    return jax.tree.map(lambda *a: np.concatenate(a, axis=-1), *parts)
+    cat = lambda axis: lambda *a: np.concatenate(a, axis=axis)  # noqa: E731
+    return jax.tree.map(cat(-1), *parts), jax.tree.map(cat(0), *paths)
+
+
+def _evaluate_maximisers(problem, reps, discrete, argmax, w, lmax, *, chunk: int, progress) -> core.RowErrors:
+    """The exact errors of each (seed, point) at its own maximiser ``argmax`` (``(S, P, N, d)``): one limit solve
+    and one discrete model per row (:func:`core.evaluate_rows`), ``(S, P)`` each."""
+    num_seeds, num_points = argmax.shape[:2]
+    p_group, p_g = point_layout(discrete)
+    euler = core.euler_heads(reps, discrete, problem.grid)
+    out = [np.zeros((num_seeds, num_points)) for _ in core.RowErrors._fields]
+    for j, params in enumerate(discrete):
+        ss, pp = np.nonzero(np.broadcast_to(p_group[None] == j, (num_seeds, num_points)))
+        for lo in range(0, ss.shape[0], chunk):
+            s_, p_ = ss[lo : lo + chunk], pp[lo : lo + chunk]
+            n = s_.shape[0]
+            pad = lambda a: np.concatenate([a, np.repeat(a[-1:], chunk - n, 0)]) if n < chunk else a  # noqa: E731, B023
+            e = core.evaluate_rows(
+                problem, reps, params, euler[j], jnp.asarray(pad(argmax[s_, p_])), w,
+                jnp.asarray(pad(s_)), jnp.asarray(pad(p_g[p_])), lmax,
+            )  # fmt: skip
+            for o, a in zip(out, e):
+                o[s_, p_] = np.asarray(a)[:n]
+            if progress is not None:
+                progress(n)
+    return core.RowErrors(*out)
 
 
 def run_control(cfg: RatesConfig, seeds: list[int], emit: Callable, progress=None) -> None:
@@ -198,7 +224,7 @@ def run_control(cfg: RatesConfig, seeds: list[int], emit: Callable, progress=Non
     discrete = _discrete(cfg, seeds, points, d, "control")
     xs = _train_like(cfg, task, _key(cfg, "control-inputs", n, d), cfg.control_inputs)
     w = jnp.full((n,), 1.0 / n, _dtype(cfg))
-    e = _evaluate(problem, reps, discrete, xs, w, lmax, chunk=min(4, xs.shape[0]), progress=progress)
+    e, _ = _evaluate(problem, reps, discrete, xs, w, lmax, chunk=min(4, xs.shape[0]), progress=progress)
     for p, (L, H) in enumerate(points):
         mc = float(np.sqrt(np.mean(e.mc[p] ** 2)))
         fmc = float(np.sqrt(np.mean(e.fluct_mc[p] ** 2)))
@@ -316,17 +342,8 @@ def run_group(
     test, cand, labels = _inputs(cfg, task, n, d)
     # The test inputs are candidates of the supremum too (labelled "train"): uniform >= pointwise by construction.
     cand, labels = np.concatenate([test, cand]), np.concatenate([np.zeros(len(test), int), labels])
-    ev = lambda xs: _evaluate(
-        problem,
-        lim.ens,
-        st.discrete,
-        xs,
-        w,
-        lmax,
-        chunk=4,  # noqa: E731
-        progress=None if progress is None else (lambda k: progress("eval", k)),
-    )
-    e_cand = ev(cand)
+    prog = lambda name: None if progress is None else (lambda k: progress(name, k))  # noqa: E731
+    e_cand, cand_paths = _evaluate(problem, lim.ens, st.discrete, cand, w, lmax, chunk=4, progress=prog("eval"))
     lap("candidate evaluation")
     e_test = jax.tree.map(lambda a: a[..., : len(test)], e_cand)
     sur = core.surrogate(lim.ens, cfg.search_particles, lmax, problem.grid)
@@ -335,6 +352,7 @@ def run_group(
         sur,
         st.discrete,
         jnp.asarray(cand),
+        cand_paths,
         e_cand.err,
         w,
         lmax,
@@ -344,22 +362,19 @@ def run_group(
         step_size=cfg.ascent_step_size,
         rounds=cfg.search_rounds,
         tol=cfg.search_tol,
-        progress=None if progress is None else (lambda k: progress("search", k)),
+        progress=prog("search"),
     )
     lap("search on the cheap limit")
     num_seeds, num_points = res.value.shape
-    e_max = ev(res.argmax.reshape(num_seeds * num_points, *res.argmax.shape[2:]))  # (S, P, S P)
+    e_max = _evaluate_maximisers(problem, lim.ens, st.discrete, res.argmax, w, lmax, chunk=4, progress=prog("eval"))
     lap("maximisers against the full limit")
-    diag_idx = np.arange(num_seeds * num_points).reshape(num_seeds, num_points)
-    pick = lambda a: np.take_along_axis(a, diag_idx[..., None], -1)[..., 0]  # noqa: E731
-    exact_max = pick(e_max.err)
+    exact_max, mc_max = e_max.err, e_max.mc
     pts = np.arange(num_points)[None, :]
-    mc_max = e_max.mc[pts, diag_idx]  # e_max.mc: (P, S P), each point's Monte-Carlo error at each input
     ts_idx = np.argmax(e_cand.err, axis=-1)
     ts_val = np.max(e_cand.err, axis=-1)
     ts_mc = e_cand.mc[pts, ts_idx]
     # The fluctuation part's supremum: over the candidates and the search's maximiser of the total error.
-    fluct_sup = np.maximum(np.max(e_cand.fluct, axis=-1), pick(e_max.fluct))
+    fluct_sup = np.maximum(np.max(e_cand.fluct, axis=-1), e_max.fluct)
     gaps = np.concatenate([np.asarray(core.param_gap(a, b)) for a, b in zip(st.discrete, st.coupled)], axis=1)
     R = cfg.replicas
     for p, (L, H) in enumerate(group.points):
