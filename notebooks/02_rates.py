@@ -6,9 +6,9 @@
 # `mfattn rates` first runs a positive control (untrained models against a reference limit: the pointwise
 # error must follow `a/L + b (L H)^-1/2`), then trains discrete transformers (depth `L`, `H` heads, several
 # seeds) and their shared mean-field limit on one data stream, and measures how far apart they are: the
-# pointwise error (mean over test inputs) and the uniform error (a converged search for the supremum over
-# inputs). The paper's Theorem 7 bounds the uniform error by `C (L^-1 + L^-1/3 H^-1/2)`. This notebook reads a
-# run folder and rebuilds its summary, table and figures from the files alone (`mfattn.rates.report`).
+# pointwise error (mean over test inputs) and the uniform error (a search for the supremum over inputs: a lower
+# bound until doubling its budget stops raising it). Theorem 7 bounds it by `C (L^-1 + L^-1/3 H^-1/2)`. This
+# notebook reads a run folder and rebuilds its summary, table and figures from the files alone (`mfattn.rates.report`).
 #
 # The run folder is `$MFATTN_RATES_DIR`, else `runs/rates` (what `mfattn rates` writes by default) when it
 # exists, else the study shipped in `docs/study`. Figures are written into the run folder.
