@@ -15,7 +15,10 @@ which an ``L``-layer discrete model with ``t_l = l / L`` is exactly explicit Eul
 ``F``, ``G`` and ``g`` are the same kernels as the discrete model's (:func:`mfattn.velocity`,
 :func:`mfattn.adjoint_field`, :func:`mfattn.grad_map`) with the particle axis in place of the heads.
 The solves are ``diffrax.diffeqsolve`` calls whose solver, step-size controller, tolerances and adjoint
-are arguments; ``jax.grad`` through :func:`forward` remains available as the reference.
+are arguments; ``jax.grad`` through :func:`forward` remains available as the reference. Under
+``stepsize_controller=FixedSteps(steps)`` with an explicit Runge-Kutta solver they run instead in the fixed-step
+loop of :mod:`mfattn.rk` (the solver's own tableau and interpolation, the particles of each stage computed one step
+ahead and carried), which agrees with Diffrax's ``ConstantStepSize`` to rounding.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float
 
-from . import _checks
+from . import _checks, rk
 from .adjoint import adjoint_field, grad_map
 from .attention import SOFTMAX, Attention, as_attention, velocity
 from .losses import Loss
@@ -38,6 +41,7 @@ from .params import Params, init_params
 __all__ = [
     "uniform_grid",
     "init_ensemble",
+    "FixedSteps",
     "param_at",
     "forward",
     "backward",
@@ -106,6 +110,24 @@ def _default_controller(grid, interpolation, rtol, atol):
     return diffrax.ClipStepSizeController(pid, step_ts=grid)
 
 
+class FixedSteps(diffrax.ConstantStepSize):
+    """``steps`` equal steps over the solve's interval, as a step-size controller.
+
+    ``stepsize_controller=FixedSteps(steps)`` with an explicit Runge-Kutta ``solver`` (the default ``Tsit5``) and
+    the default adjoint runs the limit's solves in :func:`mfattn.rk.solve`'s loop instead of
+    ``diffrax.diffeqsolve``: the same steps, stages and dense interpolation as Diffrax's ``ConstantStepSize`` with
+    ``dt0 = (t_K - t_0) / steps`` (agreeing to rounding), without the adaptive loop's overhead, and with the
+    particles of each stage precomputed one step ahead (several times faster at many particles; see
+    :mod:`mfattn.rk`). Other solvers or adjoints get Diffrax's ``ConstantStepSize`` with that ``dt0``. Land the
+    steps on the grid times (``steps`` a multiple of ``K``), where the linearly interpolated field has kinks."""
+
+    steps: int = eqx.field(static=True, default=1)
+
+    def __check_init__(self):
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ValueError(f"limit.FixedSteps: steps must be a positive integer, got {self.steps!r}.")
+
+
 class _Solve(eqx.Module):
     """Solver settings shared by the forward and backward solves."""
 
@@ -123,10 +145,29 @@ class _Solve(eqx.Module):
             return self.stepsize_controller
         return _default_controller(grid, interpolation, self.rtol, self.atol)
 
+    @property
+    def fixed(self) -> int | None:
+        """The number of steps when the solves run in :func:`mfattn.rk.solve` (see :class:`FixedSteps`)."""
+        if (
+            isinstance(self.stepsize_controller, FixedSteps)
+            and isinstance(self.solver, diffrax.AbstractERK)
+            and isinstance(self.adjoint, diffrax.RecursiveCheckpointAdjoint)
+        ):
+            return self.stepsize_controller.steps
+        return None
+
+    def step0(self, t0, t1):
+        """``dt0`` for ``diffrax.diffeqsolve`` (``(t1 - t0) / steps`` under :class:`FixedSteps`)."""
+        if isinstance(self.stepsize_controller, FixedSteps):
+            return (t1 - t0) / self.stepsize_controller.steps
+        return self.dt0
+
 
 def _settings(solver, stepsize_controller, dt0, max_steps, adjoint, rtol, atol, attention=None, fn="limit") -> _Solve:
     spec = as_attention(attention, fn)
     _checks.check_solve(fn, dt0, max_steps, rtol, atol)
+    if isinstance(stepsize_controller, FixedSteps) and dt0 is not None:
+        raise ValueError(f"{fn}: FixedSteps sets the step itself: pass dt0=None, got dt0 = {dt0!r}.")
     if spec.depth_exponent != 1:
         raise ValueError(
             f"{fn}: the depth limit exists for the residual step 1/L only (depth_exponent = 1), got "
@@ -170,29 +211,37 @@ def _tangent(x, v):
     return v - x * jnp.sum(x * v, axis=-1, keepdims=True)
 
 
-def _forward_vf(t, x, args):
-    """``F(mu_t, x, nu_t)`` (``F - <x, F> x`` for the normalised residual). Everything arrives through
-    ``args`` (``BacksolveAdjoint`` needs a vector field that closes over no arrays)."""
-    ensemble, weights, beta, radius, grid, interpolation, spec = args
-    theta = param_at(ensemble, t, grid, interpolation)
+def _forward_field(theta, x, weights, beta, radius, spec):
+    """``F(mu, x, nu)`` for the particles ``theta`` (``F - <x, F> x`` for the normalised residual)."""
     f = velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec, check=False)
     return _tangent(x, f) if spec.residual == "sphere" else f
 
 
-def _backward_vf(t, p, args):
-    """``-G(pi_t, x_t, p; nu_t)`` with ``x_t`` read from the forward solve's dense interpolant.
+def _backward_field(theta, x, p, weights, beta, radius, spec):
+    """``-G(pi, x, p; nu)`` for the particles ``theta``.
 
     For the normalised residual the field is ``v = F - <x, F> x``; its adjoint field is
     ``G(pi(x, q)) - <x, p> F - <x, F> p`` with ``q = p - <x, p> x`` (``F``'s cotangent)."""
-    ensemble, weights, beta, radius, grid, interpolation, xsol, spec = args
-    theta = param_at(ensemble, t, grid, interpolation)
-    x = xsol.evaluate(t)
     if spec.residual == "sphere":
         f = velocity(theta, x, x, weights, beta=beta, radius=radius, attention=spec, check=False)
         g = adjoint_field(theta, x, _tangent(x, p), weights, beta=beta, radius=radius, attention=spec, check=False)
         dot = lambda a, b: jnp.sum(a * b, axis=-1, keepdims=True)
         return -(g - dot(x, p) * f - dot(x, f) * p)
     return -adjoint_field(theta, x, p, weights, beta=beta, radius=radius, attention=spec, check=False)
+
+
+def _forward_vf(t, x, args):
+    """``F(mu_t, x, nu_t)``. Everything arrives through ``args`` (``BacksolveAdjoint`` needs a vector field that
+    closes over no arrays)."""
+    ensemble, weights, beta, radius, grid, interpolation, spec = args
+    return _forward_field(param_at(ensemble, t, grid, interpolation), x, weights, beta, radius, spec)
+
+
+def _backward_vf(t, p, args):
+    """``-G(pi_t, x_t, p; nu_t)`` with ``x_t`` read from the forward solve's dense interpolant."""
+    ensemble, weights, beta, radius, grid, interpolation, xsol, spec = args
+    theta = param_at(ensemble, t, grid, interpolation)
+    return _backward_field(theta, xsol.evaluate(t), p, weights, beta, radius, spec)
 
 
 def _grad_maps(params, xs, ps, weights, beta, radius, spec):
@@ -214,7 +263,7 @@ def _forward_solution(ensemble, tokens, weights, beta, radius, grid, interpolati
         s.solver,
         t0=grid[0],
         t1=grid[-1],
-        dt0=s.dt0,
+        dt0=s.step0(grid[0], grid[-1]),
         y0=tokens,
         args=(ensemble, weights, beta, radius, grid, interpolation, s.attention),
         saveat=saveat,
@@ -226,6 +275,9 @@ def _forward_solution(ensemble, tokens, weights, beta, radius, grid, interpolati
 
 @eqx.filter_jit
 def _forward(ensemble, tokens, weights, beta, radius, grid, interpolation, s, ts):
+    if s.fixed is not None:
+        xsol = _forward_dense(ensemble, tokens, weights, beta, radius, grid, interpolation, s)
+        return jax.vmap(xsol.evaluate)(ts)
     return _forward_solution(ensemble, tokens, weights, beta, radius, grid, interpolation, s, diffrax.SaveAt(ts=ts)).ys
 
 
@@ -260,8 +312,9 @@ def forward(
         interpolation: ``"linear"`` (default) or ``"piecewise"`` (constant on ``[t_j, t_{j+1})``).
         solver: a Diffrax solver (default ``Tsit5()``).
         stepsize_controller: default a PID controller (``rtol``, ``atol``) clipped to step onto the grid
-            times, where the field has kinks (linear) or jumps (piecewise). Pass
-            ``diffrax.ConstantStepSize()`` with ``dt0`` for fixed steps.
+            times, where the field has kinks (linear) or jumps (piecewise). For fixed steps pass
+            :class:`FixedSteps` ``(steps)`` (the fast fixed-step loop of :mod:`mfattn.rk`; same numbers as Diffrax
+            to rounding) or ``diffrax.ConstantStepSize()`` with ``dt0`` (Diffrax's loop).
         dt0: initial (or constant) step; ``None`` lets an adaptive controller choose.
         max_steps: Diffrax's step budget.
         adjoint: how ``jax.grad`` differentiates through this solve (default
@@ -308,7 +361,7 @@ def _backward_solution(ensemble, xsol, terminal, weights, beta, radius, grid, in
         s.solver,
         t0=grid[-1],
         t1=grid[0],
-        dt0=None if s.dt0 is None else -s.dt0,
+        dt0=None if s.step0(grid[0], grid[-1]) is None else -s.step0(grid[0], grid[-1]),
         y0=terminal,
         args=(ensemble, weights, beta, radius, grid, interpolation, xsol, s.attention),
         saveat=saveat,
@@ -317,8 +370,47 @@ def _backward_solution(ensemble, xsol, terminal, weights, beta, radius, grid, in
     )
 
 
+def _forward_dense(ensemble, tokens, weights, beta, radius, grid, interpolation, s: _Solve):
+    """The forward solve's dense output: :class:`mfattn.rk.Dense` under :class:`FixedSteps` (the particles of
+    each stage carried), else Diffrax's solution (``SaveAt(t1=True, dense=True)``). Both have ``evaluate(t)``
+    and ``ys[-1] = x(t_K)``."""
+    if s.fixed is None:
+        saveat = diffrax.SaveAt(t1=True, dense=True)
+        return _forward_solution(ensemble, tokens, weights, beta, radius, grid, interpolation, s, saveat)
+    return rk.solve(
+        s.solver,
+        lambda theta, t, x: _forward_field(theta, x, weights, beta, radius, s.attention),
+        lambda t: param_at(ensemble, t, grid, interpolation),
+        tokens,
+        grid[0],
+        grid[-1],
+        s.fixed,
+    )
+
+
+def _backward_dense(ensemble, xsol, terminal, weights, beta, radius, grid, interpolation, s: _Solve):
+    """The adjoint solve's dense output from ``t_K`` back to ``t_0`` (as :func:`_forward_dense`)."""
+    if s.fixed is None:
+        saveat = diffrax.SaveAt(t1=True, dense=True)
+        return _backward_solution(ensemble, xsol, terminal, weights, beta, radius, grid, interpolation, s, saveat)
+    return rk.solve(
+        s.solver,
+        lambda theta, t, p: _backward_field(theta, xsol.evaluate(t), p, weights, beta, radius, s.attention),
+        lambda t: param_at(ensemble, t, grid, interpolation),
+        terminal,
+        grid[-1],
+        grid[0],
+        s.fixed,
+    )
+
+
 @eqx.filter_jit
 def _forward_backward(ensemble, tokens, weights, targets, loss, beta, radius, grid, interpolation, s, ts):
+    if s.fixed is not None:
+        value, xsol, psol = _dense_forward_backward(
+            ensemble, tokens, weights, targets, loss, beta, radius, grid, interpolation, s
+        )
+        return value, jax.vmap(xsol.evaluate)(ts), jax.vmap(psol.evaluate)(ts)
     xsol = _forward_solution(
         ensemble, tokens, weights, beta, radius, grid, interpolation, s, diffrax.SaveAt(ts=ts, t1=True, dense=True)
     )
@@ -474,24 +566,12 @@ def discretize(ensemble: Params, depth: int, *, grid=None, interpolation: Interp
 # ------------------------------------------------------------------------------------------------- training
 
 
-@eqx.filter_jit
 def _dense_forward_backward(ensemble, tokens, weights, targets, loss, beta, radius, grid, interpolation, s):
     """Loss value and the dense forward (x) and backward (p) solutions of one sequence."""
-    xsol = _forward_solution(
-        ensemble, tokens, weights, beta, radius, grid, interpolation, s, diffrax.SaveAt(t1=True, dense=True)
-    )
+    xsol = _forward_dense(ensemble, tokens, weights, beta, radius, grid, interpolation, s)
     x1 = xsol.ys[-1]
-    psol = _backward_solution(
-        ensemble,
-        xsol,
-        loss.lions(x1, weights, targets),
-        weights,
-        beta,
-        radius,
-        grid,
-        interpolation,
-        s,
-        diffrax.SaveAt(t1=True, dense=True),
+    psol = _backward_dense(
+        ensemble, xsol, loss.lions(x1, weights, targets), weights, beta, radius, grid, interpolation, s
     )
     return loss(x1, weights, targets), xsol, psol
 
