@@ -201,7 +201,7 @@ def _backward(theta, tokens, adjoints, weights, beta, radius, *, field, grad, at
     beta = beta * spec.scale(theta.wq.shape[-1])
     if spec.kind == "sinkhorn":
         return _autodiff_backward(spec, theta, tokens, adjoints, weights, beta, radius, field=field, grad=grad)
-    if cache is None and lanes.applies(spec):
+    if cache is None and lanes.applies(spec, tokens.shape[0], theta.wq.shape[0], theta.wq.shape[-2:]):
         g_field, g = lanes.backward(
             theta, tokens, adjoints, weights, beta=beta, radius=radius, spec=spec, field=field, grad=grad
         )

@@ -122,8 +122,9 @@ class Attention:
             and coordinate loops are unrolled (:mod:`mfattn.lanes`; many heads, few tokens: the limit);
             ``"vmap"``: ``jax.vmap`` over heads (batched matrix products); ``"sequential"``: ``lax.map`` over
             heads (one head's ``N x N`` arrays live at a time; on CPU the fastest for large ``N``).
-            ``"auto"`` (default): sequential on CPU from :data:`SEQUENTIAL_HEADS_FROM` tokens, else vmap (it does
-            not pick lanes: inside the limit's solves they are slower, see :mod:`mfattn.lanes`). Lanes needs a
+            ``"auto"`` (default): on CPU lanes for at most 4 tokens, at least 1024 heads and ``d, k <= 4`` (the
+            limit's ensembles; the rule and its measurement: :data:`mfattn.lanes.AUTO_MAX_TOKENS`), sequential
+            from :data:`SEQUENTIAL_HEADS_FROM` tokens, else vmap. Lanes needs a
             closed-form kind, no ``matmul_dtype`` and no ``chunk``; otherwise ``"lanes"`` falls back to
             ``"auto"``'s choice.
         remat: ``True`` (default, memory-lean): the hand backward pass recomputes each layer's attention
@@ -451,7 +452,7 @@ def velocity(
     n_tokens = max(queries.shape[0], tokens.shape[0])
     from . import lanes  # lanes builds on this module: imported here, not at the top
 
-    if lanes.applies(spec):
+    if lanes.applies(spec, n_tokens, theta.wq.shape[0], theta.wq.shape[-2:]):
         return lanes.velocity(theta, queries, tokens, weights, beta=beta, radius=radius, spec=spec)
     keys = project_ball(tokens, radius)
     heads = over_heads(

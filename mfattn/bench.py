@@ -25,7 +25,9 @@ Benchmarks (``--only`` takes these names; the matmul reference always runs):
   ``Attention(heads="lanes")``, the kernels of :mod:`mfattn.lanes` (forced, also where ``heads="auto"`` would not
   pick them: at ``N = 16`` the table shows why it does not); ``impl="vmap"``:
   ``Attention(heads="vmap")``, the vmapped per-head kernels, unchanged, which were every layer's kernels before;
-  ``ratio`` = vmap time / lanes time;
+  both solve in Diffrax's loop (``ConstantStepSize``). ``impl="fixed"`` (the solves only): ``heads="auto"`` in the
+  fixed-step loop of :class:`mfattn.limit.FixedSteps` (what ``mfattn rates`` runs). ``ratio`` = vmap time / the
+  row's time;
 * ``rates``: the default ``mfattn rates`` end to end into a temporary folder (only with ``--rates``; with
   ``--quick`` the quick configuration).
 
@@ -682,10 +684,11 @@ def bench_compile_limit(ctx: _Ctx) -> dict:
     return {"rows": rows}
 
 
-def _limit_ops(spec, steps: int):
+def _limit_ops(spec, steps: int, fixed: bool = False):
     """The limit's operations of ``limit_kernels``, each ``fn(ens, x, w, y, p) -> arrays`` with ``ens`` leaves
     ``(K+1, M, d, k)``, ``x, y, p`` ``(B, N, d)``, ``w`` ``(B, N)``; the layer kernels use grid time 0 and
-    sequence 0."""
+    sequence 0. ``fixed``: the solves in :class:`mfattn.limit.FixedSteps`'s loop, else Diffrax's
+    ``ConstantStepSize``."""
     import diffrax
     import optax
 
@@ -694,13 +697,16 @@ def _limit_ops(spec, steps: int):
     from .attention import velocity
 
     loss = _loss()
-    solve = dict(
-        solver=diffrax.Tsit5(),
-        stepsize_controller=diffrax.ConstantStepSize(),
-        dt0=1.0 / steps,
-        max_steps=steps + 1,
-        attention=spec,
-    )
+    if fixed:
+        solve = dict(solver=diffrax.Tsit5(), stepsize_controller=limit.FixedSteps(steps), attention=spec)
+    else:
+        solve = dict(
+            solver=diffrax.Tsit5(),
+            stepsize_controller=diffrax.ConstantStepSize(),
+            dt0=1.0 / steps,
+            max_steps=steps + 1,
+            attention=spec,
+        )
     ts = jnp.linspace(0.0, 1.0, steps + 1, dtype=DTYPE)
     opt = optax.adamw(1e-3)
     layer = lambda ens: jax.tree.map(lambda a: a[0], ens)  # noqa: E731
@@ -761,10 +767,12 @@ def bench_limit_kernels(ctx: _Ctx) -> dict:
         p = _data(n, d, batch, seed=4)[0]
         args = (ens, x, _uniform_weights(n, batch), y, p)
         ops = {impl: _limit_ops(Attention(heads=impl), steps) for impl in ("vmap", "lanes")}
+        ops["fixed"] = _limit_ops(Attention(), steps, fixed=True)
         names = list(ops["lanes"]) if with_solves else ["velocity", "adjoint_field", "grad_map"]
         for op in names:
             pair = {}
-            for impl in ("vmap", "lanes"):  # side by side, the previous implementation first
+            solve = op in ("forward_backward", "train_step", "ascent_step")
+            for impl in ("vmap", "lanes", "fixed") if solve else ("vmap", "lanes"):  # the previous one first
                 flops = _limit_op_flops(op, n, d, k, steps, particles, batch)
                 r = ctx.measure(ops[impl][op], *args, flops=flops)
                 row = {"case": f"limit_kernels {op}", "fn": f"{op[:9]}:{impl}", "impl": impl, "op": op}
@@ -780,8 +788,9 @@ def bench_limit_kernels(ctx: _Ctx) -> dict:
                 )
                 row.update(dtype="float32", **r)
                 pair[impl] = row
-            pair["lanes"]["ratio"] = pair["vmap"]["median_s"] / pair["lanes"]["median_s"]
-            pair["lanes"]["compile_ratio"] = pair["vmap"]["compile_s"] / pair["lanes"]["compile_s"]
+            for impl in list(pair)[1:]:
+                pair[impl]["ratio"] = pair["vmap"]["median_s"] / pair[impl]["median_s"]
+                pair[impl]["compile_ratio"] = pair["vmap"]["compile_s"] / pair[impl]["compile_s"]
             for row in pair.values():
                 ctx.log(row)
                 rows.append(row)
@@ -958,7 +967,13 @@ def evaluate_targets(results: dict, sizes: Sizes, quick: bool) -> list[dict]:
         targets.append(_target("limit compile flat in M", None, 1.3, "max"))
     # limit kernels (issue 13): each operation >= 10x the vmapped kernels at M = 32768, N = 4, d = k = 2, and the
     # layer kernels at >= 5% of the matmul rate
-    big = [r for r in _rows(results, "limit_kernels", impl="lanes") if (r["M"], r["N"], r["d"]) == (32768, 4, 2)]
+    # (the layer kernels on lanes, the solves in the fixed-step loop with heads="auto")
+    big = [
+        r
+        for r in _rows(results, "limit_kernels")
+        if (r["M"], r["N"], r["d"]) == (32768, 4, 2)
+        and r["impl"] == ("fixed" if r["op"] in ("forward_backward", "train_step", "ascent_step") else "lanes")
+    ]
     for r in big:
         targets.append(_target(f"limit {r['op']} >= 10x vmap (M=32768 N=4 d=k=2)", r.get("ratio"), 10.0, "min"))
         if r["op"] in ("velocity", "adjoint_field", "grad_map"):
@@ -1004,7 +1019,7 @@ def format_row(r: dict) -> str:
     if "over_forward" in r:
         parts.append(f"{r['over_forward']:.2f}x forward")
     if "ratio" in r:
-        parts.append(f"vmap / lanes time {r['ratio']:.2f}x, compile {r['compile_ratio']:.2f}x")
+        parts.append(f"vmap / {r.get('impl', 'lanes')} time {r['ratio']:.2f}x, compile {r['compile_ratio']:.2f}x")
     if "skipped" in r:
         parts.append("not run: " + r["skipped"])
     ratio = ", ".join(parts)

@@ -13,13 +13,13 @@ mean (the velocity and the adjoint field) is the only reduction, over the head a
 
 Measured (``mfattn bench --only limit_kernels``, ``benchmarks/results/limit_kernels.json``; 2-core CPU, float32,
 ``P = 32768``, ``N = 4``, ``d = k = 2``): the layer kernels alone run 2.3-4.1x faster than the vmapped ones (velocity,
-adjoint field, gradient map), and compile 2-3 times as slowly (each solver stage inlines its own copy). Inside
-the limit's solves they do not pay (one forward-backward solve 0.74x, a training step 1.05x, an ascent step
-0.68x; at ``P = 1024`` 1.28-1.45x): there the heads
-are the interpolation ``param_at`` of the ensemble at a traced time, a dynamic slice that XLA fuses into the
-kernel's loops (a velocity behind ``param_at`` takes 10 ms, on the same heads precomputed 2.1 ms; an optimisation
-barrier, or the ensemble stored head-axis-last, does not change it). So ``Attention(heads="auto")`` does not
-pick them; ``heads="lanes"`` asks for them. At ``N = 16`` they are slower than the vmapped kernels and compile in
+adjoint field, gradient map), and compile 2-3 times as slowly (each solver stage inlines its own copy). Inside a
+``while`` loop whose heads are a *dynamic slice* (Diffrax's loop reading ``param_at`` of the ensemble at a traced
+time, or a ``lax.scan`` over stacked heads) XLA fuses the slice into the kernel's loops and they lose it (a velocity
+7-10 ms there against 1.4-2.2 ms on a loop-carried buffer; an optimisation barrier does not help). The fixed-step
+loop of :mod:`mfattn.rk` (:class:`mfattn.limit.FixedSteps`) carries each stage's heads instead, and there they pay;
+so ``Attention(heads="auto")`` picks them on CPU for the limit's sizes (:data:`AUTO_MAX_TOKENS` and the rule
+below), and ``heads="lanes"`` forces them. At ``N = 16`` they are slower than the vmapped kernels and compile in
 tens of seconds (``O(N^2 k)`` unrolled operations).
 
 Scope: the closed-form kinds (softmax, unnormalised, L2, sigmoid), causal masking, padding tokens of weight 0, the
@@ -43,11 +43,31 @@ def supported(spec: Attention) -> bool:
     return spec.kind != "sinkhorn" and spec.matmul_dtype is None and spec.chunk is None
 
 
-def applies(spec: Attention) -> bool:
-    """Whether a layer runs on the lanes kernels: only when asked for (``spec.heads == "lanes"``) and
-    :func:`supported`. ``"auto"`` does not pick them (see the module docstring: inside the limit's solves they are
-    slower); a size rule would go here once one pays."""
-    return spec.heads == "lanes" and supported(spec)
+#: ``heads="auto"`` picks the lanes kernels on CPU for layers of at most ``AUTO_MAX_TOKENS`` tokens, at least
+#: ``AUTO_MIN_HEADS`` heads and ``d, k <= AUTO_MAX_DIM`` (the limit's ensembles at the rates experiment's sizes),
+#: where they are measured faster inside the fixed-step solves (``mfattn bench --only limit_kernels``); elsewhere
+#: (more tokens: ``O(N^2 k)`` unrolled operations; few heads; accelerators, unmeasured) the vmapped kernels.
+AUTO_MAX_TOKENS = 4
+AUTO_MIN_HEADS = 1024
+AUTO_MAX_DIM = 4
+
+
+def applies(spec: Attention, n_tokens: int | None = None, n_heads: int | None = None, dims=(None, None)) -> bool:
+    """Whether a layer of ``n_tokens`` tokens, ``n_heads`` heads and ``dims = (d, k)`` runs on the lanes kernels:
+    when :func:`supported` and either asked for (``spec.heads == "lanes"``) or chosen by ``heads="auto"``'s size
+    rule (``AUTO_MAX_TOKENS``, ``AUTO_MIN_HEADS``, ``AUTO_MAX_DIM``, CPU only; sizes not given: not chosen)."""
+    if not supported(spec):
+        return False
+    if spec.heads == "lanes":
+        return True
+    if spec.heads != "auto" or n_tokens is None or n_heads is None or None in dims:
+        return False
+    return (
+        jax.default_backend() == "cpu"
+        and n_tokens <= AUTO_MAX_TOKENS
+        and n_heads >= AUTO_MIN_HEADS
+        and max(dims) <= AUTO_MAX_DIM
+    )
 
 
 # --------------------------------------------------------------------------------------------------- helpers

@@ -389,13 +389,21 @@ def test_lanes_layer_kernels_equal_vmapped(name, tokens):
 
 def test_lanes_choice():
     """The lanes kernels run when asked for (``heads="lanes"``) and supported -- never for Sinkhorn, mixed precision
-    or query chunks, and not under ``heads="auto"`` (slower inside the limit's solves); a bad choice is refused."""
+    or query chunks -- and under ``heads="auto"`` on CPU for few tokens, many heads and small d, k only; a bad
+    choice is refused."""
     from mfattn import lanes
 
     assert lanes.applies(Attention(heads="lanes"))
     assert lanes.applies(Attention("l2", causal=True, heads="lanes"))
     for spec in (Attention(), Attention(heads="vmap"), Attention(heads="sequential")):
-        assert not lanes.applies(spec)
+        assert not lanes.applies(spec)  # sizes not given
+        assert not lanes.applies(spec, 4, 32, (2, 2)) and not lanes.applies(spec, 16, 32768, (2, 2))
+    cpu = jax.default_backend() == "cpu"
+    assert lanes.applies(Attention(), 4, 32768, (2, 2)) == cpu
+    assert lanes.applies(Attention("l2", causal=True), 1, 1024, (4, 4)) == cpu
+    assert not lanes.applies(Attention(), 4, 32768, (8, 2))
+    assert not lanes.applies(Attention(heads="vmap"), 4, 32768, (2, 2))
+    assert not lanes.applies(Attention("sinkhorn"), 4, 32768, (2, 2))
     assert not lanes.applies(Attention("sinkhorn", heads="lanes"))
     assert not lanes.applies(Attention(matmul_dtype="bfloat16", heads="lanes"))
     assert not lanes.applies(Attention(chunk=2, heads="lanes"))

@@ -57,7 +57,8 @@ __all__ = [
 
 class Problem(eqx.Module):
     """The fixed parts of a group: its task (the target of any input), loss, inverse temperature, the limit's grid
-    and solver (fixed steps: Tsit5 with ``steps`` steps landing on the grid times), attention and radius."""
+    and solver (fixed steps: Tsit5 with ``steps`` steps landing on the grid times, in the fixed-step loop of
+    :class:`mfattn.limit.FixedSteps`), attention and radius."""
 
     task: eqx.Module
     loss: Loss
@@ -70,13 +71,7 @@ class Problem(eqx.Module):
 
     def solve_kwargs(self) -> dict:
         if self.steps > 0:
-            return dict(
-                solver=diffrax.Tsit5(),
-                stepsize_controller=diffrax.ConstantStepSize(),
-                dt0=1.0 / self.steps,
-                max_steps=self.steps + 1,
-                attention=self.spec,
-            )
+            return dict(solver=diffrax.Tsit5(), stepsize_controller=limit.FixedSteps(self.steps), attention=self.spec)
         return dict(rtol=self.rtol, atol=self.atol, attention=self.spec)
 
     def limit_paths(self, ens: Params, x, w, y, lmax: int):
