@@ -97,7 +97,8 @@ class _RatesProgress:
 
     def __call__(self, phase: str, units: float) -> None:
         self.bar.set_description(f"rates: {phase}", refresh=False)
-        self.bar.update(units)
+        # work_units is an estimate (the search stops early per point): never run past the total
+        self.bar.update(max(0.0, min(units, self.bar.total - self.bar.n)))
 
     def close(self):
         self.bar.close()

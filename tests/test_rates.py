@@ -134,6 +134,12 @@ def test_control_passes_on_the_clt_law_and_fails_on_the_theorem_rate():
     assert not bad["passed"] and bad["preferred"].startswith("theorem")
     worse = _control(_synthetic(0.0, 5.0, 0.5, 0.3, 32, 0.05, rng, POINTS), total)
     assert not worse["passed"] and "excludes 1/2" in worse["why"]
+    # The preference is a test with an uncertainty: alpha's interval at gamma = 1/2. Data too noisy to tell 1/2
+    # from 1/3 prefer neither, and the control does not pass on them.
+    vague = _control(_synthetic(0.0, 5.0, 0.5, 0.5, 4, 0.6, rng, POINTS), total)
+    lo, hi = vague["alpha_at_gamma_half_ci"]
+    assert lo < 1 / 3 and hi > 1 / 2 and vague["preferred"].startswith("neither") and not vague["passed"]
+    assert good["alpha_at_gamma_half_ci"][0] > 1 / 3 and bad["alpha_at_gamma_half_ci"][1] < 1 / 2
 
 
 def test_the_quadrature_model_recovers_what_the_linear_sum_misreads():
@@ -229,16 +235,31 @@ def test_search_never_lowers_the_estimate_and_reports_its_gain(getkey):
     exact, paths = core.evaluate_and_paths(problem, reps, disc, cand, w, 4)
     exact = np.asarray(exact.err)
     sur = core.surrogate(reps, 8, 4, problem.grid)
+    euler = core.euler_heads(reps, disc, problem.grid)
+    calls = []
+
+    def full(s, p, x):  # the full limit's verdict on each round's maximisers
+        calls.append(len(s))
+        return driver._evaluate_at(problem, reps, disc, euler, s, p, x, w, 4, chunk=2, progress=None)
+
     kw = dict(radius=1.0, starts=1, step_size=0.1, tol=0.05)
-    res = rates.search.sup_search(problem, sur, disc, cand, paths, exact, w, 4, steps=2, rounds=2, **kw)
+    res = rates.search.sup_search(problem, sur, disc, cand, paths, exact, w, 4, full, steps=2, rounds=2, **kw)
     assert res.value.shape == (2, 3) and np.all(res.value >= res.candidate_value)
     assert np.allclose(res.candidate_value, exact.max(-1))
     assert np.all(res.converged == (res.gain < 0.05))
     assert np.all(np.linalg.norm(res.argmax, axis=-1) <= 1.0 + 1e-9)  # the search stays in the ball
+    # The estimate is an exact value: the full limit's error at the reported maximiser, never the surrogate's.
+    ss, pp = np.meshgrid(np.arange(2), np.arange(3), indexing="ij")
+    again = driver._evaluate_at(problem, reps, disc, euler, ss.ravel(), pp.ravel(), res.argmax[ss, pp].reshape(6, 3, 2),
+                                w, 4, chunk=2, progress=None)  # fmt: skip
+    np.testing.assert_allclose(again.err.reshape(2, 3), res.value, rtol=1e-10)
+    assert np.all(res.value == np.fmax(res.candidate_value, res.search_value))
+    assert calls[0] == 6 and sum(calls) == 6 + int(np.sum(res.rounds == 2))  # one exact row per live pair and round
     # The corrected surrogate is exact at its starts: with no ascent step, every start's value is its exact error
-    # (the uncorrected 8-particle surrogate is not).
-    res0 = rates.search.sup_search(problem, sur, disc, cand, paths, exact, w, 4, steps=0, rounds=1, **kw)
+    # (the uncorrected 8-particle surrogate is not), and so is the full limit's at the unmoved start.
+    res0 = rates.search.sup_search(problem, sur, disc, cand, paths, exact, w, 4, full, steps=0, rounds=1, **kw)
     assert np.allclose(res0.value, exact.max(-1), rtol=1e-10) and np.all(res0.gain == 0)
+    np.testing.assert_allclose(res0.surrogate_value, res0.search_value, rtol=1e-10)
     pg = rates.search.point_gain(res.value, res.gain)
     assert pg.shape == (3,) and np.all(pg >= 0) and np.all(pg <= np.nanmax(res.gain, axis=0) + 1e-12)
     # A point's gain is that of the rms over seeds: seeds at 1 (no gain) and 2 (from 1) give sqrt(5 / 2) - 1.
@@ -325,7 +346,10 @@ def test_a_changed_statistical_setting_is_refused_and_more_seeds_extend(rates_qu
     monkeypatch.setattr(driver, "run_group", lambda cfg_, g, seeds, *a, **k: seen.append(seeds) or {})
     monkeypatch.setattr(driver, "run_control", lambda cfg_, seeds, *a, **k: seen.append(seeds))
     rates.run(dataclasses.replace(cfg, seeds=cfg.seeds + 1), str(copy))
-    assert seen and all(s == [cfg.seeds] for s in seen)  # only the new seed is computed
+    assert seen == [[cfg.seeds]]  # only the new seed is computed, of the trained models (the control has its own)
+    seen.clear()
+    rates.run(dataclasses.replace(cfg, control_seeds=cfg.control_seeds + 2), str(copy))
+    assert seen == [[cfg.control_seeds, cfg.control_seeds + 1]]  # only the control's new seeds
 
 
 def test_report_rebuilds_the_summary_from_the_files(rates_quick_run):

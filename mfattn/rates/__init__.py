@@ -51,6 +51,7 @@ def work_units(cfg: RatesConfig) -> dict:
     """Relative cost of each phase in units of one limit solve of the trained ensemble (for an honest ETA)."""
     per_solve = cfg.particles * max(cfg.solver_steps, 1) * (cfg.grid_size - 1)
     control = cfg.control_inputs * cfg.control_particles * max(16, 2 * cfg.solver_steps) / per_solve
+    control += cfg.control_inputs * cfg.control_seeds * len(cfg.control_depths) * len(cfg.control_heads) / 16
     out = {"control": control if cfg.control else 0.0, "groups": []}
     for g in driver.groups(cfg):
         P = len(g.points)
@@ -60,12 +61,14 @@ def work_units(cfg: RatesConfig) -> dict:
             for r in range(cfg.search_rounds)
         ]
         scale = (g.num_tokens / cfg.num_tokens) ** 2 * (g.dim / cfg.dim)
+        rows = cfg.seeds * P  # exact rows of the search: at most one per (seed, point) and round
         out["groups"].append(
             {
                 "train": 3 * cfg.batch_size * scale,
                 "eval": scale,
                 "search": [s * scale for s in search],
-                "total": scale * (3 * cfg.batch_size * cfg.steps + cfg.test_inputs + 5 * cfg.candidates + cfg.seeds * P)
+                "total": scale
+                * (3 * cfg.batch_size * cfg.steps + cfg.test_inputs + 5 * cfg.candidates + rows * cfg.search_rounds)
                 + sum(search) * scale,
             }
         )
@@ -120,7 +123,7 @@ def run(
         if cfg.control:
             missing = [
                 s
-                for s in seeds
+                for s in range(cfg.control_seeds)
                 if any(
                     (str(L), str(H), str(s)) not in tabs["control"].done
                     for L in cfg.control_depths
@@ -207,8 +210,9 @@ def summarize(cfg: RatesConfig, rows: dict, diagnostics: dict) -> dict:
     """The run's summary from its rows (see the README for every key)."""
     res = [r for r in rows["results"] if r["sweep"] == "LH"]
     pts = [tuple(p) for p in cfg.points]
-    out: dict = {"config": io.identity(cfg) | {"seeds": cfg.seeds}}
+    out: dict = {"config": io.identity(cfg) | {"seeds": cfg.seeds, "control_seeds": cfg.control_seeds}}
     # ---- positive control
+    rows = rows | {"control": [r for r in rows["control"] if int(r["seed"]) < cfg.control_seeds]}
     if cfg.control and rows["control"]:
         cpts = [(L, H) for L in cfg.control_depths for H in cfg.control_heads]
         E, _ = stats.matrix(rows["control"], "pointwise_err", cpts)
@@ -341,14 +345,15 @@ def summarize(cfg: RatesConfig, rows: dict, diagnostics: dict) -> dict:
         fam[r["worst_family"]] = fam.get(r["worst_family"], 0) + 1
     # Each point's estimate is the rms over seeds of their suprema: its last doubling's gain is the convergence test.
     point_gains = [
-        float(search.point_gain(*(np.asarray([float(r[k]) for r in rs]) for k in ("surrogate_value", "search_gain"))))
+        float(search.point_gain(*(np.asarray([float(r[k]) for r in rs]) for k in ("uniform_err", "search_gain"))))
         for rs in ([r for r in res if (int(r["depth"]), int(r["heads"])) == pt] for pt in pts)
         if rs
     ]
     out["sup_search"] = {
         "final_gain": max(point_gains) if point_gains else None,
         "converged": bool(max(point_gains) < cfg.search_tol) if point_gains else None,
-        "criterion": "per point: the last doubling's gain of the rms over seeds of their suprema",
+        "criterion": "per point: the last doubling's gain of the rms over seeds of their suprema, each the best value "
+        "re-evaluated against the full limit (the cheap limit only proposes)",
         "point_gains": [{"depth": L, "heads": H, "gain": g} for (L, H), g in zip(pts, point_gains)],
         "row_gain_max": max(gains) if gains else None,
         "rows_converged": sum(int(r["search_converged"]) for r in res),

@@ -21,8 +21,9 @@ TASKS = ("teacher_student", "target_measure")
 OPTIMIZERS = ("adamw", "blockwise_adamw")
 
 #: Settings that change how a run executes, not what it computes (a run folder may resume with other values),
-#: and ``seeds``: adding seeds to a run extends it (each seed's draws do not depend on the seed count).
-EXECUTION_ONLY = ("shard_seeds", "shard_particles", "seeds")
+#: and ``seeds``, ``control_seeds``: adding seeds to a run extends it (each seed's draws do not depend on the seed
+#: count).
+EXECUTION_ONLY = ("shard_seeds", "shard_particles", "seeds", "control_seeds")
 
 
 def _f(default, doc: str, kind: str | None = None):
@@ -116,6 +117,12 @@ class RatesConfig:
     control_heads: list = _f([1, 4, 16, 64], "heads of the control grid", "posints")
     control_particles: int = _f(16384, "M of the control's reference limit (untrained, so computed once)", "posint")
     control_inputs: int = _f(8, "training-like inputs of the control's pointwise error", "posint")
+    control_seeds: int = _f(
+        32,
+        "untrained discrete draws of the control (its own seeds: cheap per seed, and its gamma interval and model "
+        "preference need >= 16-32 of them)",
+        "posint",
+    )
     # ---- errors: pointwise over test inputs, uniform by a search
     test_inputs: int = _f(8, "training-like inputs of the pointwise error", "posint")
     candidates: int = _f(6, "candidate inputs per family (5 families) for the supremum", "posint")
@@ -265,6 +272,7 @@ QUICK = {
     "control_heads": [1, 4],
     "control_particles": 512,
     "control_inputs": 2,
+    "control_seeds": 4,
     "test_inputs": 2,
     "candidates": 1,
     "search_particles": 32,

@@ -44,6 +44,7 @@ __all__ = [
     "evaluate",
     "evaluate_and_paths",
     "evaluate_rows",
+    "limit_replica_paths",
     "surrogate",
     "surrogate_paths",
     "surrogate_values_and_grads",
@@ -166,6 +167,7 @@ def _batch_means(xr, pr, w):
     return jnp.sqrt(jnp.sum(spread) / (num_rep * (num_rep - 1)))
 
 
+@eqx.filter_jit
 def euler_heads(reps: Params, discrete: tuple, grid) -> tuple:
     """The Euler limits' heads of every depth group of ``discrete``: leaves ``(R, L, M/R, d, k)``."""
     return tuple(
@@ -206,20 +208,37 @@ def _point_errors(problem: Problem, discrete: tuple, euler: tuple, x, w, y, xr, 
 
 
 @eqx.filter_jit
+def limit_replica_paths(problem: Problem, reps: Params, xs, w, lmax: int) -> tuple:
+    """Every replica's paths ``(x, p)`` at the inputs ``xs`` (``(C, N, d)``, masses ``w``), each
+    ``(C, R, lmax + 1, N, d)``: the limit's solves, one per replica and input. Its own compiled program, shared by
+    the candidate evaluation and the search's exact rows (same chunk shape), and by every depth group."""
+
+    def one(x):
+        y = problem.task.target(x, w)
+        return jax.vmap(lambda e: problem.limit_paths(e, x, w, y, lmax))(reps)
+
+    return jax.lax.map(one, xs)  # inputs one after another: memory bounded by one input
+
+
+@eqx.filter_jit
+def _errors_from_paths(problem: Problem, discrete: tuple, euler: tuple, xs, w, xr, pr, lmax: int):
+    def one(args):
+        x, xr1, pr1 = args
+        y = problem.task.target(x, w)
+        return _point_errors(problem, discrete, euler, x, w, y, xr1, pr1, lmax)
+
+    parts = jax.lax.map(one, (xs, xr, pr))
+    return Errors(*(jnp.moveaxis(a, 0, -1) for a in parts))
+
+
 def evaluate_and_paths(problem: Problem, reps: Params, discrete: tuple, xs, w, lmax: int) -> tuple:
     """:class:`Errors` of every seed and point on the inputs ``xs`` (``(C, N, d)``, masses ``w``) against the
     limit's replicas ``reps`` (one solve per replica and input, shared by every seed and point) and its Euler
     limits (one per depth); and the pooled limit's paths ``(x, p)``, each ``(C, lmax + 1, N, d)``."""
     euler = euler_heads(reps, discrete, problem.grid)
-
-    def one(x):
-        y = problem.task.target(x, w)
-        xr, pr = jax.vmap(lambda e: problem.limit_paths(e, x, w, y, lmax))(reps)
-        errs = _point_errors(problem, discrete, euler, x, w, y, xr, pr, lmax)
-        return errs, (jnp.mean(xr, axis=0), jnp.mean(pr, axis=0))
-
-    parts, paths = jax.lax.map(one, xs)  # inputs one after another: memory bounded by one input
-    return Errors(*(jnp.moveaxis(a, 0, -1) for a in parts)), paths
+    xr, pr = limit_replica_paths(problem, reps, xs, w, lmax)
+    errs = _errors_from_paths(problem, discrete, euler, xs, w, xr, pr, lmax)
+    return errs, (jnp.mean(xr, axis=1), jnp.mean(pr, axis=1))
 
 
 def evaluate(problem: Problem, reps: Params, discrete: tuple, xs, w, lmax: int) -> Errors:
@@ -237,21 +256,24 @@ class RowErrors(NamedTuple):
 
 
 @eqx.filter_jit
+def _rows_from_paths(problem: Problem, group: Params, euler: Params, xs, w, rows, gidx, xr, pr, lmax: int):
+    def one(args):
+        x, s, g, xr1, pr1 = args
+        y = problem.task.target(x, w)
+        mine = jax.tree.map(lambda a: a[s, g][None, None], group)
+        e = _point_errors(problem, (mine,), (euler,), x, w, y, xr1, pr1, lmax)
+        return e[0][0, 0], e[5][0], e[6][0, 0]
+
+    return RowErrors(*jax.lax.map(one, (xs, rows, gidx, xr, pr)))
+
+
 def evaluate_rows(problem: Problem, reps: Params, group: Params, euler: Params, xs, w, rows, gidx, lmax: int):
     """:class:`RowErrors` of row ``q``: seed ``rows[q]`` and head count ``gidx[q]`` of the depth group ``group``
     (leaves ``(S, G, L, H_max, d, k)``, Euler heads ``euler`` from :func:`euler_heads`) at the input ``xs[q]``.
     The same numbers as :func:`evaluate` at a fraction of its work when each input belongs to one row (the search's
-    maximisers): one limit solve per row, one discrete model."""
-
-    def one(args):
-        x, s, g = args
-        y = problem.task.target(x, w)
-        xr, pr = jax.vmap(lambda e: problem.limit_paths(e, x, w, y, lmax))(reps)
-        mine = jax.tree.map(lambda a: a[s, g][None, None], group)
-        e = _point_errors(problem, (mine,), (euler,), x, w, y, xr, pr, lmax)
-        return e[0][0, 0], e[5][0], e[6][0, 0]
-
-    return RowErrors(*jax.lax.map(one, (xs, rows, gidx)))
+    maximisers): one limit solve per row (:func:`limit_replica_paths`), one discrete model."""
+    xr, pr = limit_replica_paths(problem, reps, xs, w, lmax)
+    return _rows_from_paths(problem, group, euler, xs, w, rows, gidx, xr, pr, lmax)
 
 
 def surrogate(reps: Params, particles: int, lmax: int, grid) -> Params:

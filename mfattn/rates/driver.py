@@ -187,28 +187,37 @@ def _evaluate(problem, reps, discrete, xs, w, lmax, *, chunk: int, progress) -> 
     return jax.tree.map(cat(-1), *parts), jax.tree.map(cat(0), *paths)
 
 
-def _evaluate_maximisers(problem, reps, discrete, argmax, w, lmax, *, chunk: int, progress) -> core.RowErrors:
-    """The exact errors of each (seed, point) at its own maximiser ``argmax`` (``(S, P, N, d)``): one limit solve
-    and one discrete model per row (:func:`core.evaluate_rows`), ``(S, P)`` each."""
-    num_seeds, num_points = argmax.shape[:2]
+def _evaluate_at(problem, reps, discrete, euler, seed_idx, point_idx, xs, w, lmax, *, chunk: int, progress):
+    """The exact errors of row ``q`` (seed ``seed_idx[q]``, point ``point_idx[q]``) at its own input ``xs[q]``
+    (``(Q, N, d)``): one limit solve and one discrete model per row (:func:`core.evaluate_rows`), ``(Q,)`` each;
+    ``euler`` from :func:`core.euler_heads`."""
+    seed_idx, point_idx, xs = np.asarray(seed_idx), np.asarray(point_idx), np.asarray(xs)
     p_group, p_g = point_layout(discrete)
-    euler = core.euler_heads(reps, discrete, problem.grid)
-    out = [np.zeros((num_seeds, num_points)) for _ in core.RowErrors._fields]
+    out = [np.zeros(seed_idx.shape) for _ in core.RowErrors._fields]
     for j, params in enumerate(discrete):
-        ss, pp = np.nonzero(np.broadcast_to(p_group[None] == j, (num_seeds, num_points)))
-        for lo in range(0, ss.shape[0], chunk):
-            s_, p_ = ss[lo : lo + chunk], pp[lo : lo + chunk]
-            n = s_.shape[0]
+        mine = np.nonzero(p_group[point_idx] == j)[0]
+        for lo in range(0, mine.shape[0], chunk):
+            sel = mine[lo : lo + chunk]
+            n = sel.shape[0]
             pad = lambda a: np.concatenate([a, np.repeat(a[-1:], chunk - n, 0)]) if n < chunk else a  # noqa: E731, B023
             e = core.evaluate_rows(
-                problem, reps, params, euler[j], jnp.asarray(pad(argmax[s_, p_])), w,
-                jnp.asarray(pad(s_)), jnp.asarray(pad(p_g[p_])), lmax,
+                problem, reps, params, euler[j], jnp.asarray(pad(xs[sel])), w,
+                jnp.asarray(pad(seed_idx[sel])), jnp.asarray(pad(p_g[point_idx[sel]])), lmax,
             )  # fmt: skip
             for o, a in zip(out, e):
-                o[s_, p_] = np.asarray(a)[:n]
+                o[sel] = np.asarray(a)[:n]
             if progress is not None:
                 progress(n)
     return core.RowErrors(*out)
+
+
+def _evaluate_maximisers(problem, reps, discrete, argmax, w, lmax, *, chunk: int, progress) -> core.RowErrors:
+    """The exact errors of each (seed, point) at its own input ``argmax`` (``(S, P, N, d)``), ``(S, P)`` each."""
+    num_seeds, num_points = argmax.shape[:2]
+    ss, pp = (a.reshape(-1) for a in np.meshgrid(np.arange(num_seeds), np.arange(num_points), indexing="ij"))
+    euler = core.euler_heads(reps, discrete, problem.grid)
+    e = _evaluate_at(problem, reps, discrete, euler, ss, pp, argmax[ss, pp], w, lmax, chunk=chunk, progress=progress)
+    return core.RowErrors(*(a.reshape(num_seeds, num_points) for a in e))
 
 
 def run_control(cfg: RatesConfig, seeds: list[int], emit: Callable, progress=None) -> None:
@@ -347,6 +356,13 @@ def run_group(
     lap("candidate evaluation")
     e_test = jax.tree.map(lambda a: a[..., : len(test)], e_cand)
     sur = core.surrogate(lim.ens, cfg.search_particles, lmax, problem.grid)
+    euler = core.euler_heads(lim.ens, st.discrete, problem.grid)
+
+    def exact(seed_idx, point_idx, xs):  # each round's maximisers against the full limit
+        return _evaluate_at(
+            problem, lim.ens, st.discrete, euler, seed_idx, point_idx, xs, w, lmax, chunk=4, progress=prog("eval")
+        )
+
     res = sup_search(
         problem,
         sur,
@@ -356,6 +372,7 @@ def run_group(
         e_cand.err,
         w,
         lmax,
+        exact,
         radius=cfg.radius,
         starts=cfg.ascent_starts,
         steps=cfg.ascent_steps,
@@ -364,17 +381,16 @@ def run_group(
         tol=cfg.search_tol,
         progress=prog("search"),
     )
-    lap("search on the cheap limit")
+    lap("search (cheap-limit ascent, maximisers against the full limit)")
     num_seeds, num_points = res.value.shape
-    e_max = _evaluate_maximisers(problem, lim.ens, st.discrete, res.argmax, w, lmax, chunk=4, progress=prog("eval"))
-    lap("maximisers against the full limit")
-    exact_max, mc_max = e_max.err, e_max.mc
+    e_max = res.search_rows
+    exact_max, mc_max = res.search_value, e_max.mc
     pts = np.arange(num_points)[None, :]
     ts_idx = np.argmax(e_cand.err, axis=-1)
     ts_val = np.max(e_cand.err, axis=-1)
     ts_mc = e_cand.mc[pts, ts_idx]
     # The fluctuation part's supremum: over the candidates and the search's maximiser of the total error.
-    fluct_sup = np.maximum(np.max(e_cand.fluct, axis=-1), e_max.fluct)
+    fluct_sup = np.fmax(np.max(e_cand.fluct, axis=-1), e_max.fluct)
     gaps = np.concatenate([np.asarray(core.param_gap(a, b)) for a, b in zip(st.discrete, st.coupled)], axis=1)
     R = cfg.replicas
     for p, (L, H) in enumerate(group.points):
@@ -383,8 +399,8 @@ def run_group(
         for si, s in enumerate(seeds):
             err2 = e_test.err[si, p] ** 2
             e_inf2 = (R * err2 - e_test.err2_replica[si, p]) / (R - 1)  # e^2(M) = e^2_inf + c / M at M and M / R
-            use_search = exact_max[si, p] > ts_val[si, p]
-            uni = max(exact_max[si, p], ts_val[si, p])
+            use_search = bool(exact_max[si, p] > ts_val[si, p])  # nan (no round ran): the test set
+            uni = float(res.value[si, p])
             x_w = res.argmax[si, p] if use_search else cand[ts_idx[si, p]]
             fam = FAMILIES[labels[res.start[si, p] if use_search else ts_idx[si, p]]]
             dists = np.linalg.norm(x_w[:, None] - x_w[None], axis=-1)
@@ -413,7 +429,7 @@ def run_group(
                     "uniform_source": "search" if use_search else "test_set",
                     "uniform_mc": float(mc_max[si, p] if use_search else ts_mc[si, p]),
                     "uniform_fluct": float(fluct_sup[si, p]),
-                    "surrogate_value": float(res.value[si, p]),
+                    "surrogate_value": float(res.surrogate_value[si, p]),
                     "search_gain": float(res.gain[si, p]),
                     "search_converged": int(res.converged[si, p]),
                     "search_rounds": int(res.rounds[si, p]),
