@@ -29,6 +29,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, Float
 
@@ -197,7 +198,8 @@ def _prepare(fn, ensemble, tokens, weights, beta, radius, grid, interpolation):
         grid = _checks.check_array(fn, "grid", grid, (ensemble.depth,), "(K+1,) = ensemble grid size").astype(
             tokens.dtype
         )
-        if not _checks._traced(grid) and not bool(jnp.all(jnp.diff(grid) > 0)):
+        # NumPy on a concrete grid: jnp ops inside a jit trace would be staged even on constants
+        if not _checks._traced(grid) and not bool(np.all(np.diff(np.asarray(grid)) > 0)):
             raise ValueError(f"{fn}: grid must be strictly increasing.")
     return ensemble, tokens, weights, beta, radius, grid
 

@@ -170,6 +170,12 @@ def test_limit_rejects_bad_input(no_jaxtyping):
         limit.forward(ens, x0, beta=1.0, ts=jnp.array([1.0]), grid=jnp.array([0, 0.5, 0.4, 0.9, 1.0]))
     with pytest.raises(ValueError, match="grid must have shape"):
         limit.forward(ens, x0, beta=1.0, ts=jnp.array([1.0]), grid=jnp.linspace(0, 1, 3))
+    # A concrete grid closed over by a jitted caller is still checked (and a good one accepted), not a tracer error.
+    bad, good = jnp.array([0, 0.5, 0.4, 0.9, 1.0]), limit.uniform_grid(5, x0.dtype)
+    with pytest.raises(ValueError, match="grid must be strictly increasing"):
+        jax.jit(lambda x: limit.forward(ens, x, beta=1.0, ts=jnp.array([1.0]), grid=bad))(x0)
+    out = jax.jit(lambda x: limit.forward(ens, x, beta=1.0, ts=jnp.array([1.0]), grid=good))(x0)
+    assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(out))
     with pytest.raises(ValueError, match="ts must be"):
         limit.forward(ens, x0, beta=1.0, ts=jnp.zeros((2, 2)))
     with pytest.raises(ValueError, match="weights must sum to 1"):
