@@ -282,7 +282,10 @@ def test_the_maximisers_rows_equal_the_full_evaluation(getkey):
     disc = driver._discrete(cfg, [0, 1], [(2, 1), (2, 2), (4, 2)], 2, "t")
     xs = np.asarray(driver._train_like(cfg, task, getkey(), 6)).reshape(2, 3, 3, 2)  # one input per (seed, point)
     w = jnp.asarray([0.5, 0.3, 0.2])
-    rows = driver._evaluate_maximisers(problem, reps, disc, xs, w, 4, chunk=2, progress=None)
+    ss, pp = (a.ravel() for a in np.meshgrid(np.arange(2), np.arange(3), indexing="ij"))
+    euler = core.euler_heads(reps, disc, problem.grid)
+    rows = driver._evaluate_at(problem, reps, disc, euler, ss, pp, xs[ss, pp], w, 4, chunk=2, progress=None)
+    rows = core.RowErrors(*(np.asarray(a).reshape(2, 3) for a in rows))
     full = core.evaluate(problem, reps, disc, jnp.asarray(xs.reshape(6, 3, 2)), w, 4)
     diag = np.arange(6).reshape(2, 3)
     pick = lambda a: np.take_along_axis(np.asarray(a), diag[..., None], -1)[..., 0]  # noqa: E731

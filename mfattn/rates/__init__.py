@@ -51,6 +51,7 @@ def work_units(cfg: RatesConfig) -> dict:
     """Relative cost of each phase in units of one limit solve of the trained ensemble (for an honest ETA)."""
     per_solve = cfg.particles * max(cfg.solver_steps, 1) * (cfg.grid_size - 1)
     control = cfg.control_inputs * cfg.control_particles * max(16, 2 * cfg.solver_steps) / per_solve
+    # ... and its discrete models: one unit per 16 (seed, point) models of an input (a rough ETA weight)
     control += cfg.control_inputs * cfg.control_seeds * len(cfg.control_depths) * len(cfg.control_heads) / 16
     out = {"control": control if cfg.control else 0.0, "groups": []}
     for g in driver.groups(cfg):

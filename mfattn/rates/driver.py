@@ -211,15 +211,6 @@ def _evaluate_at(problem, reps, discrete, euler, seed_idx, point_idx, xs, w, lma
     return core.RowErrors(*out)
 
 
-def _evaluate_maximisers(problem, reps, discrete, argmax, w, lmax, *, chunk: int, progress) -> core.RowErrors:
-    """The exact errors of each (seed, point) at its own input ``argmax`` (``(S, P, N, d)``), ``(S, P)`` each."""
-    num_seeds, num_points = argmax.shape[:2]
-    ss, pp = (a.reshape(-1) for a in np.meshgrid(np.arange(num_seeds), np.arange(num_points), indexing="ij"))
-    euler = core.euler_heads(reps, discrete, problem.grid)
-    e = _evaluate_at(problem, reps, discrete, euler, ss, pp, argmax[ss, pp], w, lmax, chunk=chunk, progress=progress)
-    return core.RowErrors(*(a.reshape(num_seeds, num_points) for a in e))
-
-
 def run_control(cfg: RatesConfig, seeds: list[int], emit: Callable, progress=None) -> None:
     """The step-0 positive control; ``emit(row)`` for each (point, seed)."""
     n, d = cfg.num_tokens, cfg.dim

@@ -311,8 +311,8 @@ def control_summary(
         pw = rate_fit(L, H, e, "power", alpha=POINTWISE[0], gamma=POINTWISE[1])["rmse_log"]
         return {"d": th - pw}
 
-    def alpha_at_half(X):
-        return {"alpha": corrected_power_fit(L, H, rms(X), gamma=0.5)["alpha"]}
+    def alpha_at_half(X):  # both models have gamma = 1/2
+        return {"alpha": rate_fit(L, H, rms(X), "power", gamma=POINTWISE[1])["alpha"]}
 
     def plain(X):
         pf = _power_fit(L, H, rms(X))
@@ -335,10 +335,10 @@ def control_summary(
     # The two models differ in alpha only (both gamma = 1/2): the test is alpha's interval with gamma = 1/2 fixed.
     a_half = alpha_at_half(E_fluct[keep])["alpha"]
     a_ci = _interval(alpha_at_half, E_fluct[keep])["alpha"]
-    inside = lambda v: a_ci[0] is not None and a_ci[0] <= v <= a_ci[1]  # noqa: E731
-    if a_ci[0] is not None and inside(POINTWISE[0]) and not inside(THEOREM[0]):
+    inside = lambda v: a_ci[0] is not None and a_ci[0] <= v <= a_ci[1]  # noqa: E731  (no interval: False)
+    if inside(POINTWISE[0]) and not inside(THEOREM[0]):
         preferred = "pointwise (1/2, 1/2)"
-    elif a_ci[0] is not None and inside(THEOREM[0]) and not inside(POINTWISE[0]):
+    elif inside(THEOREM[0]) and not inside(POINTWISE[0]):
         preferred = "theorem (1/3, 1/2)"
     else:
         preferred = "neither (the alpha interval does not separate 1/2 from 1/3)"
