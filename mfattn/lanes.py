@@ -17,7 +17,8 @@ adjoint field, gradient map), and compile 2-3 times as slowly (each solver stage
 ``while`` loop whose heads are a *dynamic slice* (Diffrax's loop reading ``param_at`` of the ensemble at a traced
 time, or a ``lax.scan`` over stacked heads) XLA fuses the slice into the kernel's loops and they lose it (a velocity
 7-10 ms there against 1.4-2.2 ms on a loop-carried buffer; an optimisation barrier does not help). The fixed-step
-loop of :mod:`mfattn.rk` (:class:`mfattn.limit.FixedSteps`) carries each stage's heads instead, and there they pay;
+loop of :mod:`mfattn.rk` (:class:`mfattn.limit.FixedSteps`) carries each stage's heads instead, and so do the
+layer scans of :mod:`mfattn.particles` (the Euler limits' thousands of heads per layer); there they pay;
 so ``Attention(heads="auto")`` picks them on CPU for the limit's sizes (:data:`AUTO_MAX_TOKENS` and the rule
 below), and ``heads="lanes"`` forces them. At ``N = 16`` they are slower than the vmapped kernels and compile in
 tens of seconds (``O(N^2 k)`` unrolled operations).
