@@ -86,7 +86,7 @@ def sup_search(
     step_size: float,
     rounds: int,
     tol: float,
-    chunk: int = 256,
+    chunk: int = 32,
     progress=None,
 ) -> SearchResult:
     """Round ``r = 0, 1, ...`` climbs from the ``starts 2^r`` worst candidates of each (seed, point) (ranked by the
@@ -126,11 +126,12 @@ def sup_search(
         xb = np.empty((seed_f.shape[0], *cand.shape[1:]), cand.dtype)
         for j, params in enumerate(discrete):  # one compiled program per depth group (static shapes)
             mine = np.nonzero(p_group[point_f] == j)[0]
-            for lo in range(0, mine.shape[0], chunk):  # bounded memory; the last chunk padded to one shape
+            # Chunks of ``chunk`` paths, the last one padded: one shape, so one compiled ascent per depth group
+            # (power-of-two sizes compiled a program per size and round, ~15 s each on the 2-core CPU).
+            for lo in range(0, mine.shape[0], chunk):
                 sel = mine[lo : lo + chunk]
                 n = sel.shape[0]
-                size = min(chunk, max(8, 1 << (n - 1).bit_length()))  # padded to a power of two: few shapes
-                s_, g_, c_ = (jnp.asarray(_pad(a, size)) for a in (seed_f[sel], p_g[point_f[sel]], start_f[sel]))
+                s_, g_, c_ = (jnp.asarray(_pad(a, chunk)) for a in (seed_f[sel], p_g[point_f[sel]], start_f[sel]))
                 offs = (jnp.asarray(off_x)[c_], jnp.asarray(off_p)[c_])
 
                 def vg(x, params=params, s_=s_, g_=g_, offs=offs):
