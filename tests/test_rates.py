@@ -184,6 +184,36 @@ def test_theorem_ratio_slopes():
     assert abs(tr["max"] - 2.0 * 8**-0.2) < 0.1
 
 
+def test_sweep_slopes_recover_a_planted_slope_and_leave_out_flagged_values():
+    rng = np.random.default_rng(6)
+    vals = [4, 16, 64]
+    E = 0.2 * np.array(vals, float)[:, None] ** 0.25 * np.exp(0.05 * rng.standard_normal((3, 16)))
+    b = stats.sweep_slopes(vals, E, [0.1, 0.1, 0.1], 0.3)
+    assert abs(b["slope"] - 0.25) < 0.03 and b["slope_ci"][0] < 0.25 < b["slope_ci"][1] and not b["left_out"]
+    assert "bootstrap" in b["method"]
+    E_bad = E.copy()
+    E_bad[2] *= 5  # a value whose error is mostly the limit's own Monte-Carlo error
+    b = stats.sweep_slopes(vals, E_bad, [0.1, 0.1, 0.9], 0.3)
+    assert [(lo["value"], lo["mc_ratio"]) for lo in b["left_out"]] == [(64, 0.9)] and b["values_used"] == [4, 16]
+    assert "Monte-Carlo" in b["left_out"][0]["reason"] and abs(b["slope"] - 0.25) < 0.08
+    assert "error" in stats.sweep_slopes(vals, E, [0.1, 0.9, 0.9], 0.3)
+    sat = stats.sweep_slopes(vals, E, [0.1, 0.1, 0.1], 0.3, radius=float(np.sqrt(np.mean(E[1] ** 2))))
+    assert [lo["value"] for lo in sat["left_out"]] == [16, 64] and "saturated" in sat["left_out"][0]["reason"]
+    assert "error" in sat and sat["rms_err"] == pytest.approx(list(np.sqrt(np.mean(E**2, axis=1))))
+
+
+def test_paired_ratio_resamples_the_two_optimizers_seeds_together():
+    rng = np.random.default_rng(7)
+    E_a = np.exp(rng.standard_normal((3, 16)))  # a large spread over seeds...
+    b = stats.paired_ratio([2, 4, 8], E_a, 0.7 * E_a)  # ...that cancels in the paired ratio
+    assert b["ratio"] == pytest.approx([0.7] * 3) and b["geomean"] == pytest.approx(0.7)
+    for lo, hi in [*b["ratio_ci"], b["geomean_ci"]]:
+        assert lo == pytest.approx(0.7) and hi == pytest.approx(0.7)
+    unpaired = stats.paired_ratio([2, 4, 8], E_a, 0.7 * E_a[:, rng.permutation(16)])
+    assert unpaired["geomean_ci"][1] - unpaired["geomean_ci"][0] > 0.05
+    assert "error" in stats.paired_ratio([2], E_a[:1], E_a[:2])
+
+
 # ------------------------------------------------------------------------------------------------ numerics
 
 
@@ -360,3 +390,45 @@ def test_report_rebuilds_the_summary_from_the_files(rates_quick_run):
     again = rates.report(out)
     assert again["fits"]["uniform"].get("alpha") == summary["fits"]["uniform"].get("alpha")
     assert math.isfinite(again["training"]["depth_spread"])
+
+
+def test_the_n_and_d_sweeps_run_end_to_end_with_slopes_and_paired_ratios(tmp_path):
+    """The sweeps' groups (other N; other d under both optimizers) through the driver, the summary and the plots."""
+    cfg = dataclasses.replace(
+        rates.load_config(quick=True),
+        control=False,
+        depths=[2],
+        heads=[1],
+        seeds=3,
+        sweep_points=[[2, 1]],
+        tokens_sweep=[2, 4],
+        dims_sweep=[2, 3],
+    )
+    out = str(tmp_path / "sweeps")
+    s = rates.run(cfg, out)
+    rows = rates.io.folder(cfg, out).rows()
+    assert sorted({(r["sweep"], r["optimizer"], r["num_tokens"], r["dim"]) for r in rows}) == [
+        ("LH", "adamw", "4", "2"),
+        ("N", "adamw", "2", "2"),
+        ("N", "adamw", "4", "2"),
+        ("d", "adamw", "4", "2"),
+        ("d", "adamw", "4", "3"),
+        ("d", "blockwise_adamw", "4", "2"),
+        ("d", "blockwise_adamw", "4", "3"),
+    ]
+    n = s["fits"]["N"]["adamw L=2 H=1 pointwise_err"]
+    assert n["values"] == [2, 4] and len(n["rms_err"]) == 2 and len(n["mc_ratio"]) == 2
+    assert "slope" in n or "error" in n
+    u = s["fits"]["N"]["adamw L=2 H=1 uniform_err"]
+    assert len(u["search_gain"]) == 2
+    pr = s["fits"]["d"]["blockwise_adamw / adamw L=2 H=1 uniform_err"]
+    assert len(pr["ratio"]) == 2 and len(pr["ratio_ci"]) == 2 and "paired" in pr["method"]
+    for opt in ("adamw", "blockwise_adamw"):
+        assert s["fits"]["d"][f"{opt} L=2 H=1 pointwise_err"]["values"] == [2, 3]
+    # the same N = 4, d = 2 model under AdamW in three groups: the same draws and data, the same numbers
+    same = [float(r["pointwise_err"]) for r in rows
+            if r["optimizer"] == "adamw" and (r["num_tokens"], r["dim"], r["seed"]) == ("4", "2", "0")]  # fmt: skip
+    assert len(same) == 3 and max(same) - min(same) <= 1e-6 * max(same)
+    assert "paired ratio" in s["table"] and "slope in N" in s["table"] or "N sweep" in s["table"]
+    for name in ("err_vs_N.png", "err_vs_d.png"):
+        assert os.path.exists(os.path.join(out, name))

@@ -385,9 +385,33 @@ def summarize(cfg: RatesConfig, rows: dict, diagnostics: dict) -> dict:
                     for r in rows["results"]
                     if r["sweep"] == sweep and r["optimizer"] == opt and int(r["depth"]) == L and int(r["heads"]) == H
                 ]
+                at = [(v,) for v in vals]
+                mat = lambda c: stats.matrix(sub, c, at, keys=(col,))[0]  # noqa: E731, B023
+                E_pw, E_un = mat("pointwise_err"), mat("uniform_err")
+                ratios = {
+                    "pointwise_err": np.nanmax(mat("pointwise_mc"), axis=1) / stats.rms(E_pw),
+                    "uniform_err": stats.rms(mat("uniform_mc")) / stats.rms(E_un),
+                }
+                gains = [float(search.point_gain(u, g)) for u, g in zip(E_un, mat("search_gain"))]
+                for kind, E in (("pointwise_err", E_pw), ("uniform_err", E_un)):
+                    b = stats.sweep_slopes(list(vals), E, ratios[kind], cfg.mc_ratio, cfg.radius)
+                    if kind == "uniform_err":
+                        b["search_gain"] = gains
+                    block[f"{opt} L={L} H={H} {kind}"] = b
+        if sweep == "d":  # paired: the same draws and data under both optimizers
+            for L, H in map(tuple, cfg.sweep_points):
                 for kind in ("pointwise_err", "uniform_err"):
-                    E, _ = stats.matrix(sub, kind, [(v,) for v in vals], keys=(col,))
-                    block[f"{opt} L={L} H={H} {kind}"] = stats.sweep_slopes(list(vals), E)
+                    E_ab = [
+                        stats.matrix(
+                            [r for r in rows["results"] if r["sweep"] == "d" and r["optimizer"] == o
+                             and (int(r["depth"]), int(r["heads"])) == (L, H)],
+                            kind, [(v,) for v in vals], keys=(col,),
+                        )[0]
+                        for o in OPTIMIZERS
+                    ]  # fmt: skip
+                    block[f"{OPTIMIZERS[1]} / {OPTIMIZERS[0]} L={L} H={H} {kind}"] = stats.paired_ratio(
+                        list(vals), *E_ab
+                    )
         fits[sweep] = block
     return out
 
@@ -517,5 +541,18 @@ def table(cfg: RatesConfig, rows: list, summary: dict) -> str:
     for sweep in ("N", "d"):
         for name, b in summary["fits"].get(sweep, {}).items():
             if "slope" in b:
-                lines.append(f"slope in {sweep} ({name}): {_ci(b, 'slope')}")
+                out = "".join(f"; {lo['value']} left out: {lo['reason']}" for lo in b["left_out"])
+                lines.append(
+                    f"slope in {sweep} ({name}): {_ci(b, 'slope')} (rms err "
+                    f"{', '.join(f'{v:.3f}' for v in b['rms_err'])} at {sweep} = {b['values']}; MC/err max "
+                    f"{max(b['mc_ratio']):.2f}{out})"
+                )
+            elif "geomean" in b:
+                lines.append(
+                    f"paired ratio ({name}): {', '.join(f'{v:.2f}' for v in b['ratio'])} at d = {b['values']}; "
+                    f"geometric mean {_ci(b, 'geomean')}"
+                )
+            elif "error" in b:
+                out = "".join(f"; {lo['value']} left out: {lo['reason']}" for lo in b.get("left_out", []))
+                lines.append(f"{sweep} sweep ({name}): no slope, {b['error']}{out}")
     return "\n".join(lines)

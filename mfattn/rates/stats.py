@@ -41,6 +41,7 @@ __all__ = [
     "euler_order",
     "theorem_ratio",
     "sweep_slopes",
+    "paired_ratio",
     "interval_method",
 ]
 
@@ -400,20 +401,66 @@ def theorem_ratio(points, E) -> dict:
     }
 
 
-def sweep_slopes(values: list, E: np.ndarray) -> dict:
-    """The slope of ``log err`` in ``log values`` (N or d) with its interval; ``E``: ``(V, S)``."""
+def sweep_slopes(
+    values: list, E: np.ndarray, mc_ratio_per_value=None, mc_ratio: float = math.inf, radius: float = math.inf
+) -> dict:
+    """The slope of ``log err`` (the rms over seeds) in ``log values`` (N or d) with its interval; ``E``: ``(V, S)``.
+    Left out (listed in ``left_out`` with the reason), as in the (L, H) fits: values whose Monte-Carlo ratio
+    (``mc_ratio_per_value``, ``(V,)``: the limit's own error over the point's) exceeds ``mc_ratio``, and saturated
+    values (rms error ``>= radius``)."""
+    values = list(values)
+    E = np.asarray(E, float)
+    ratios = np.zeros(len(values)) if mc_ratio_per_value is None else np.asarray(mc_ratio_per_value, float)
+    err = rms(E) if E.size else np.zeros(len(values))
+    left_out = []
+    for v, r, e in zip(values, ratios, err):
+        if r > mc_ratio:
+            left_out.append({"value": v, "mc_ratio": float(r), "reason": f"Monte-Carlo error > {mc_ratio} x error"})
+        elif e >= radius:
+            left_out.append({"value": v, "mc_ratio": float(r), "reason": f"saturated (error >= R = {radius})"})
+    keep = np.array([all(lo["value"] != v for lo in left_out) for v in values], bool)
+    base = {
+        "values": values,
+        "rms_err": [float(v) for v in err],
+        "mc_ratio": [float(r) for r in ratios],
+        "left_out": left_out,
+    }
+    used = [v for v, k in zip(values, keep) if k]
+    E_used = E[keep]
+    if len(used) < 2 or not np.all(np.isfinite(E_used)):
+        return base | {"error": "needs 2 values (not Monte-Carlo flagged, not saturated) with every seed"}
 
     def stat(X):
-        lx, ly = np.log(np.asarray(values, float)), np.log(rms(X))
-        s, c = np.polyfit(lx, ly, 1)
+        s, _ = np.polyfit(np.log(np.asarray(used, float)), np.log(rms(X)), 1)
         return {"slope": float(s)}
 
-    if len(values) < 2 or not np.all(np.isfinite(E)):
-        return {"error": "needs 2 values with every seed"}
-    return {
-        "slope": stat(E)["slope"],
-        "slope_ci": _interval(stat, E)["slope"],
+    return base | {
+        "slope": stat(E_used)["slope"],
+        "slope_ci": _interval(stat, E_used)["slope"],
         "method": interval_method(E.shape[1]),
+        "values_used": used,
+    }
+
+
+def paired_ratio(values: list, E_a: np.ndarray, E_b: np.ndarray) -> dict:
+    """``rms(E_b) / rms(E_a)`` at each value (``E_*``: ``(V, S)``, seed ``s`` of both the same draws: paired), with
+    intervals by :func:`interval_method`, the seeds resampled jointly; and the ratio's geometric mean over the
+    values with its interval."""
+    E_a, E_b = np.asarray(E_a, float), np.asarray(E_b, float)
+    if E_a.shape != E_b.shape or not (np.all(np.isfinite(E_a)) and np.all(np.isfinite(E_b))):
+        return {"error": "needs both optimizers at every value with every seed"}
+
+    def stat(X):
+        r = rms(X[1]) / rms(X[0])
+        return {"geomean": float(np.exp(np.mean(np.log(r))))} | {str(v): float(x) for v, x in zip(values, r)}
+
+    X = np.stack([E_a, E_b])
+    est, ci = stat(X), _interval(stat, X)
+    return {
         "values": list(values),
-        "rms_err": [float(v) for v in rms(E)],
+        "ratio": [est[str(v)] for v in values],
+        "ratio_ci": [ci[str(v)] for v in values],
+        "geomean": est["geomean"],
+        "geomean_ci": ci["geomean"],
+        "method": interval_method(E_a.shape[1]) + ", the two optimizers' seeds resampled together (paired)",
     }
