@@ -173,14 +173,18 @@ def plot_all(cfg, rows: dict, summary: dict, out_dir: str) -> list[str]:
             continue
         fig = Figure(figsize=(4, 3.4))
         ax = fig.subplots()
+        marked = False
         for key, b in fits.get(sweep, {}).items():
             if b.get("rms_err"):
                 slope = f"slope {b['slope']:.2f}" if "slope" in b else "no slope"
                 (line,) = ax.plot(b["values"], b["rms_err"], "o-", ms=3, label=f"{key}: {slope}")
                 out = [i for i, v in enumerate(b["values"]) if any(lo["value"] == v for lo in b["left_out"])]
                 if out:  # Monte-Carlo flagged or saturated: left out of the slope
+                    lab = None if marked else "x: left out (MC-flagged or saturated)"
                     ax.plot([b["values"][i] for i in out], [b["rms_err"][i] for i in out], "x", ms=8,
-                            color=line.get_color(), label="left out (MC-flagged or saturated)")  # fmt: skip
+                            color=line.get_color(), label=lab)  # fmt: skip
+                    marked = True
         _axes(ax, [int(r[col]) for r in sub], f"${sym}$", "error, rms over seeds")
+        ax.legend(fontsize=5)  # many lines: smaller than _axes' legend
         paths.append(_save(fig, os.path.join(out_dir, f"err_vs_{sym}.png")))
     return paths
