@@ -1,10 +1,12 @@
 """Where a `mfattn rates` run's time goes: the wall time of each phase (compilation included in the first call of
-each jitted piece), and one training step split into the limit's gradients and the discrete models' (both timed
-after warm-up, in the same process).
+each jitted piece), side by side with and without compiling each group's programs ahead on a second thread
+(`rates.run(..., compile_ahead=...)`, JAX's caches cleared before each run; the two runs' rows must be identical),
+and one training step split into the limit's gradients and the discrete models' (both timed after warm-up, in the
+same process).
 
-    python benchmarks/rates_phases.py            # the default configuration (about 5 minutes)
+    python benchmarks/rates_phases.py            # the default configuration (about 10 minutes: two runs)
     python benchmarks/rates_phases.py --quick    # the smoke-test configuration
-    python benchmarks/rates_phases.py --config studies/rates.toml
+    python benchmarks/rates_phases.py --config studies/rates.toml --only-ahead
 
 Prints a table and writes benchmarks/results/rates_phases.json (rates_phases_quick.json with --quick).
 """
@@ -83,25 +85,41 @@ def step_split(cfg) -> dict:
     }
 
 
+def _run(cfg, ahead: bool) -> tuple[float, list, str]:
+    jax.clear_caches()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        summary = rates.run(cfg, os.path.join(tmp, "run"), compile_ahead=ahead)
+        total = time.perf_counter() - t0
+        with open(os.path.join(tmp, "run", "results.csv")) as f:
+            results = f.read()
+    rows = [(group, phase, s) for group, block in summary["timings_s"].items() for phase, s in block.items()]
+    return total, rows, results
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--config", default=None)
+    p.add_argument("--only-ahead", action="store_true", help="one run, compiling ahead (no comparison)")
     p.add_argument("--out", default=None, help="JSON path")
     a = p.parse_args(argv)
     cfg = rates.load_config(a.config, quick=a.quick)
     if cfg.precision == "float64":
         jax.config.update("jax_enable_x64", True)
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        summary = rates.run(cfg, os.path.join(tmp, "run"))
-        total = time.perf_counter() - t0
-    rows = [(group, phase, s) for group, block in summary["timings_s"].items() for phase, s in block.items()]
+    modes = (True,) if a.only_ahead else (False, True)
+    runs = {ahead: _run(cfg, ahead) for ahead in modes}
+    identical = None if a.only_ahead else runs[True][2] == runs[False][2]
     split = step_split(cfg)
-    print(f"{'group':<28}{'phase':<40}{'seconds':>10}{'share':>8}")
-    for group, phase, s in rows:
-        print(f"{group:<28}{phase:<40}{s:>10.1f}{s / total:>8.1%}")
-    print(f"{'total (wall, with start-up)':<68}{total:>10.1f}")
+    label = {False: "in line", True: "ahead"}
+    print(f"{'group':<14}{'phase':<62}" + "".join(f"{label[m] + ' (s)':>12}" for m in modes))
+    keys = list(dict.fromkeys((g, ph) for m in modes for g, ph, _ in runs[m][1]))
+    for g, ph in keys:
+        vals = [next((s for gg, pp, s in runs[m][1] if (gg, pp) == (g, ph)), None) for m in modes]
+        print(f"{g:<14}{ph[:61]:<62}" + "".join(f"{'-' if v is None else f'{v:.1f}':>12}" for v in vals))
+    print(f"{'total (wall, with start-up)':<76}" + "".join(f"{runs[m][0]:>12.1f}" for m in modes))
+    if identical is not None:
+        print(f"compiling ahead: {runs[False][0] / runs[True][0]:.2f}x faster end to end; identical rows: {identical}")
     print(
         f"one training step's gradients (after warm-up): limit {split['limit_grads_s']:.3f} s "
         f"({split['particles']} particles), discrete models {split['discrete_grads_s']:.4f} s "
@@ -114,8 +132,15 @@ def main(argv=None):
         json.dump(
             {
                 "config": "quick" if a.quick else (a.config or "default"),
-                "total_s": total,
-                "phases": [{"group": g, "phase": ph, "seconds": s} for g, ph, s in rows],
+                "total_s": runs[True][0],
+                "phases": [{"group": g, "phase": ph, "seconds": s} for g, ph, s in runs[True][1]],
+                "in_line": None
+                if a.only_ahead
+                else {
+                    "total_s": runs[False][0],
+                    "phases": [{"group": g, "phase": ph, "seconds": s} for g, ph, s in runs[False][1]],
+                },
+                "identical_rows": identical,
                 "step_split": split,
                 "machine": {"backend": jax.default_backend(), "cpu_count": os.cpu_count()},
             },

@@ -12,6 +12,7 @@ One head is ``theta = (W_Q, W_K, W_V, W_O)``, each ``d x k``; the attention matr
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Literal
@@ -97,6 +98,22 @@ class Params(eqx.Module):
         return jax.tree.map(lambda x: x.astype(dtype), self)
 
 
+DRAW_BLOCK = 4096  # the smallest draw of _draw (values)
+
+
+def _draw(sample, key, shape):
+    """``sample(key, shape)`` (an elementwise law of JAX's random module) as the first values of one flat draw
+    whose size is a power of two (at least :data:`DRAW_BLOCK`), reshaped. Under JAX's partitionable threefry (its
+    default) a value depends on the key and its flat index only, so these are the same numbers (tested); eagerly,
+    one compiled program per size class instead of one per shape: each costs about a second of XLA compilation
+    on the 2-core CPU, and the rates experiment's grids draw 21 shapes."""
+    size = math.prod(shape)
+    if size == 0 or not jax.config.jax_threefry_partitionable:
+        return sample(key, shape)
+    n = max(DRAW_BLOCK, 1 << (size - 1).bit_length())
+    return sample(key, (n,))[:size].reshape(shape)
+
+
 InitMethod = Literal["xavier_uniform", "truncated_normal", "mean_noise"]
 
 
@@ -166,13 +183,13 @@ def init_params(
     a = scale * np.sqrt(6.0 / (dim + head_dim))
 
     def uniform(k):
-        return jax.random.uniform(k, shape, dtype, -a, a)
+        return _draw(lambda k, s: jax.random.uniform(k, s, dtype, -a, a), k, shape)
 
     if init == "xavier_uniform":
         leaves = [uniform(k) for k in keys]
     elif init == "truncated_normal":
         std = scale * np.sqrt(2.0 / (dim + head_dim))
-        leaves = [std * jax.random.truncated_normal(k, -2.0, 2.0, shape, dtype) for k in keys]
+        leaves = [std * _draw(lambda k, s: jax.random.truncated_normal(k, -2.0, 2.0, s, dtype), k, shape) for k in keys]
     elif init == "mean_noise":
         if mean is None or isinstance(mean, (int, float)):
             c = 1.0 if mean is None else float(mean)

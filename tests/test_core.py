@@ -356,6 +356,31 @@ def test_compiles_once_for_new_values():
     run(jax.tree.map(lambda a: a * 0.5, params), x0 + 1, 2.0)
 
 
+@pytest.mark.parametrize("init", ["xavier_uniform", "truncated_normal", "mean_noise"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 2, 3), (8, 64, 2, 2), (1, 4096, 2, 2)])
+def test_init_params_are_the_direct_draws(init, shape):
+    # init_params draws each block as a prefix of a power-of-two draw (one compiled program per size class):
+    # the numbers must be those of jax.random at the block's own shape, eagerly and under jit, in both precisions.
+    depth, heads, dim, head_dim = shape
+    key = jax.random.key(7)
+    a = 0.7 * np.sqrt(6.0 / (dim + head_dim))
+    std = 0.7 * np.sqrt(2.0 / (dim + head_dim))
+    for dtype in (jnp.float64, jnp.float32):
+        got = mfattn.init_params(key, depth, heads, dim, head_dim, init=init, scale=0.7, dtype=dtype)
+        jitted = jax.jit(
+            lambda k, dtype=dtype: mfattn.init_params(k, depth, heads, dim, head_dim, init=init, scale=0.7, dtype=dtype)
+        )(key)
+        for i, k in enumerate(jax.random.split(key, 4)):
+            if init == "truncated_normal":
+                want = std * jax.random.truncated_normal(k, -2.0, 2.0, shape, dtype)
+            else:
+                want = jax.random.uniform(k, shape, dtype, -a, a)
+                if init == "mean_noise":
+                    want = jnp.eye(dim, head_dim, dtype=dtype)[None, None] + want
+            np.testing.assert_array_equal(np.asarray(jax.tree.leaves(got)[i]), np.asarray(want))
+            np.testing.assert_array_equal(np.asarray(jax.tree.leaves(jitted)[i]), np.asarray(want))
+
+
 # ----------------------------------------------------------------------------------------- bad input
 
 

@@ -358,12 +358,12 @@ def test_resume_recomputes_nothing_and_a_cut_row_is_recomputed(rates_quick_run, 
     calls = []
     monkeypatch.setattr(driver, "run_group", lambda *a, **k: calls.append(a) or {})
     monkeypatch.setattr(driver, "run_control", lambda *a, **k: calls.append(a))
-    rates.run(cfg, str(copy))
+    rates.run(cfg, str(copy), compile_ahead=False)
     assert calls == []
     text = (copy / "results.csv").read_text()
     (copy / "results.csv").write_text(text[: len(text) - 7])  # a crash mid-write
     messages = []
-    rates.run(cfg, str(copy), log=messages.append)
+    rates.run(cfg, str(copy), log=messages.append, compile_ahead=False)  # run_group is replaced: nothing to compile
     assert len(calls) == 1 and calls[0][2] == [cfg.seeds - 1]  # the cut row (the last seed's) is recomputed
     assert any("incomplete" in m for m in messages)
 
@@ -378,10 +378,10 @@ def test_a_changed_statistical_setting_is_refused_and_more_seeds_extend(rates_qu
     seen = []
     monkeypatch.setattr(driver, "run_group", lambda cfg_, g, seeds, *a, **k: seen.append(seeds) or {})
     monkeypatch.setattr(driver, "run_control", lambda cfg_, seeds, *a, **k: seen.append(seeds))
-    rates.run(dataclasses.replace(cfg, seeds=cfg.seeds + 1), str(copy))
+    rates.run(dataclasses.replace(cfg, seeds=cfg.seeds + 1), str(copy), compile_ahead=False)
     assert seen == [[cfg.seeds]]  # only the new seed is computed, of the trained models (the control has its own)
     seen.clear()
-    rates.run(dataclasses.replace(cfg, control_seeds=cfg.control_seeds + 2), str(copy))
+    rates.run(dataclasses.replace(cfg, control_seeds=cfg.control_seeds + 2), str(copy), compile_ahead=False)
     assert seen == [[cfg.control_seeds, cfg.control_seeds + 1]]  # only the control's new seeds
 
 
@@ -390,6 +390,40 @@ def test_report_rebuilds_the_summary_from_the_files(rates_quick_run):
     again = rates.report(out)
     assert again["fits"]["uniform"].get("alpha") == summary["fits"]["uniform"].get("alpha")
     assert math.isfinite(again["training"]["depth_spread"])
+
+
+def test_compiling_ahead_changes_no_number_and_compiles_each_program_once(tmp_path):
+    """Each group's programs compile on a second thread while earlier phases run (driver.prepare): the same rows as
+    without, and no program compiled twice (the run's calls find the programs compiled ahead in JAX's cache)."""
+    cfg = dataclasses.replace(
+        rates.load_config(quick=True), control=False, depths=[2], heads=[1, 2], seeds=2, dims_sweep=[3],
+        sweep_points=[[2, 1]],
+    )  # fmt: skip
+    names = {"train_step", "limit_replica_paths", "_errors_from_paths", "euler_heads", "surrogate_paths",
+             "surrogate_values_and_grads", "_rows_from_paths"}  # fmt: skip
+    counts = {}
+
+    def listen(event, duration, fun_name=None, **kw):
+        name = (fun_name or "").removeprefix("jit(").removesuffix(")")
+        if event.endswith("backend_compile_duration") and name in names:
+            counts[name] = counts.get(name, 0) + 1
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        runs = {}
+        for ahead in (False, True):
+            jax.clear_caches()
+            counts.clear()
+            out = str(tmp_path / f"ahead{int(ahead)}")
+            s = rates.run(cfg, out, compile_ahead=ahead)
+            runs[ahead] = (dict(counts), open(os.path.join(out, "results.csv")).read(), s)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert runs[True][0] == runs[False][0] and set(runs[True][0]) == names
+    assert runs[True][0]["train_step"] == 3  # one per group: LH, and d = 3 under both optimizers
+    assert runs[True][1] == runs[False][1]
+    ahead = [t for k, t in runs[True][2]["timings_s"].items() if k not in ("fits", "control")]
+    assert len(ahead) == 3 and all(t["compiled ahead on a second thread (not in the wall time)"] > 0 for t in ahead)
 
 
 def test_the_n_and_d_sweeps_run_end_to_end_with_slopes_and_paired_ratios(tmp_path):

@@ -22,6 +22,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -89,8 +90,12 @@ def run(
     *,
     progress: Callable[[str, float], None] | None = None,
     log: Callable[[str], None] | None = None,
+    compile_ahead: bool = True,
 ) -> dict:
     """Run (or resume) the experiment into ``out_dir``; return the summary (also written to ``summary.json``).
+
+    ``compile_ahead``: compile each group's programs on a second thread while the control and the earlier phases
+    run (:func:`.driver.prepare`; execution only, the same numbers).
 
     ``progress(phase, units)`` is called as work completes (units: :func:`work_units`). Rows already in the
     folder are kept; missing ones are computed (adding seeds to a finished run extends it). ``precision =
@@ -104,6 +109,7 @@ def run(
         )
     folder = io.folder(cfg, out_dir).open()  # checks, lock, config.json, results.csv repaired
     t0 = time.perf_counter()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mfattn-compile") if compile_ahead else None
     try:
         tabs = {
             name: io.Table(os.path.join(out_dir, f"{name}.csv"), spec)
@@ -121,6 +127,14 @@ def run(
         seeds = list(range(cfg.seeds))
         tick = progress or (lambda phase, n: None)
         write = lambda row: folder.append(io.fmt_row(row))  # noqa: E731
+        todo = [
+            (gi, group, [s for s in seeds if any(k not in folder.done for k in _group_keys(cfg, group, s))])
+            for gi, group in enumerate(driver.groups(cfg))
+        ]
+        # Every group's programs start compiling now, on the second thread, while the control runs.
+        prepared = {
+            gi: driver.prepare(cfg, group, missing, pool) for gi, group, missing in todo if missing and pool is not None
+        }
         if cfg.control:
             missing = [
                 s
@@ -138,9 +152,8 @@ def run(
                 diagnostics["control"] = {"timings_s": {"positive control": time.perf_counter() - tc}}
             else:
                 tick("control", units["control"])
-        for gi, group in enumerate(driver.groups(cfg)):
+        for gi, group, missing in todo:
             gu = units["groups"][gi]
-            missing = [s for s in seeds if any(k not in folder.done for k in _group_keys(cfg, group, s))]
             if not missing:
                 tick("group", gu["total"])
                 continue
@@ -154,7 +167,9 @@ def run(
                 else:
                     tick(f"{group.sweep} search", next(rounds, 0.0))
 
-            d = driver.run_group(cfg, group, missing, write, tabs["training"].write, group_tick)
+            d = driver.run_group(
+                cfg, group, missing, write, tabs["training"].write, group_tick, prepared=prepared.pop(gi, None)
+            )
             diagnostics[f"{group.sweep}/{group.optimizer}/{group.num_tokens}/{group.dim}"] = d
             tmp = diag_path + ".tmp"
             with open(tmp, "w") as f:
@@ -162,6 +177,8 @@ def run(
             os.replace(tmp, diag_path)
         rows = {"results": folder.rows(), **{k: t.rows for k, t in tabs.items()}}
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         for t in locals().get("tabs", {}).values():
             t.close()
         folder.close()

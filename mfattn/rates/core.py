@@ -25,6 +25,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from .. import limit
@@ -53,6 +54,8 @@ __all__ = [
     "euler_heads",
     "param_gap",
     "stack",
+    "compile_evaluation",
+    "compile_search",
 ]
 
 
@@ -310,6 +313,48 @@ def surrogate_values_and_grads(problem: Problem, sur: Params, group: Params, xs,
         return jnp.sqrt(jnp.max(_masked(sq, w), axis=(-2, -1)))
 
     return jax.vmap(jax.value_and_grad(err))(xs, rows, gidx, *offsets)
+
+
+def _zeros(tree):
+    """Host zeros shaped like the ``ShapeDtypeStruct`` leaves of ``tree``, as arguments for compiling."""
+    return jax.tree.map(lambda s: jnp.asarray(np.zeros(s.shape, s.dtype)), tree)
+
+
+def _index(n: int):
+    """Row indices as the drivers pass them (NumPy's integers through ``jnp.asarray``: JAX's default int)."""
+    return jnp.asarray(np.zeros(n, np.int64))
+
+
+def compile_evaluation(problem: Problem, reps: Params, discrete: tuple, xs, w, lmax: int) -> None:
+    """Compile, without running, the programs :func:`evaluate_and_paths` runs on inputs shaped like ``xs``
+    (``(C, N, d)``): for compiling ahead on another thread (XLA's compiler releases the GIL); a later call with
+    arguments of these shapes finds them in JAX's cache."""
+    euler_heads.lower(reps, discrete, problem.grid).compile()
+    euler = _zeros(jax.eval_shape(lambda: euler_heads(reps, discrete, problem.grid)))
+    limit_replica_paths.lower(problem, reps, xs, w, lmax).compile()
+    xr, pr = _zeros(jax.eval_shape(lambda: limit_replica_paths(problem, reps, xs, w, lmax)))
+    _errors_from_paths.lower(problem, discrete, euler, xs, w, xr, pr, lmax).compile()
+
+
+def compile_search(problem: Problem, reps: Params, discrete: tuple, candidates, w, lmax: int, *, particles: int,
+                   ascent_chunk: int, row_chunk: int) -> None:  # fmt: skip
+    """Compile, without running, the supremum search's programs (:mod:`.search`) for the candidates' shape
+    ``(C, N, d)``: the cheap limit's paths, and per depth group the ascent's values and gradients on chunks of
+    ``ascent_chunk`` paths and the exact rows (:func:`evaluate_rows`) on chunks of ``row_chunk`` inputs. As
+    :func:`compile_evaluation`."""
+    sur = surrogate(reps, particles, lmax, problem.grid)
+    surrogate_paths.lower(problem, sur, candidates, w).compile()
+    euler = _zeros(jax.eval_shape(lambda: euler_heads(reps, discrete, problem.grid)))
+    one = candidates[:1]
+    xs_a = jnp.asarray(np.zeros((ascent_chunk, *candidates.shape[1:]), candidates.dtype))
+    xs_r = jnp.asarray(np.zeros((row_chunk, *candidates.shape[1:]), candidates.dtype))
+    offsets = _zeros(jax.eval_shape(lambda: surrogate_paths(problem, sur, jnp.repeat(one, ascent_chunk, 0), w)))
+    xr, pr = _zeros(jax.eval_shape(lambda: limit_replica_paths(problem, reps, xs_r, w, lmax)))
+    for group, heads in zip(discrete, euler):
+        rows, gidx = _index(ascent_chunk), _index(ascent_chunk)
+        surrogate_values_and_grads.lower(problem, sur, group, xs_a, w, rows, gidx, offsets, lmax).compile()
+        rows, gidx = _index(row_chunk), _index(row_chunk)
+        _rows_from_paths.lower(problem, group, heads, xs_r, w, rows, gidx, xr, pr, lmax).compile()
 
 
 def _flat_heads(p: Params) -> Params:

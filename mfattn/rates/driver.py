@@ -35,9 +35,11 @@ from . import core
 from .config import RatesConfig
 from .search import point_layout, sup_search
 
-__all__ = ["Group", "groups", "FAMILIES", "run_control", "run_group", "mesh", "place"]
+__all__ = ["Group", "Prepared", "groups", "FAMILIES", "prepare", "run_control", "run_group", "mesh", "place"]
 
 FAMILIES = ("train", "uniform", "clustered", "degenerate", "sphere")
+EVAL_CHUNK = 4  # inputs per call of the evaluation (candidates, and the search's exact rows): one compiled shape
+ASCENT_CHUNK = 32  # ascent paths per call of the search (see .search)
 
 
 @dataclass(frozen=True)
@@ -150,9 +152,12 @@ def _discrete(cfg: RatesConfig, seeds: list[int], points, d: int, tag: str) -> t
                 scale=cfg.init_scale,
                 dtype=_dtype(cfg),
             )
-            return jax.tree.map(lambda a: jnp.repeat(a, hmax // H, axis=1), p)
+            return jax.tree.map(lambda a: np.repeat(np.asarray(a), hmax // H, axis=1), p)
 
-        out.append(core.stack([core.stack([draw(s, H) for H in hs]) for s in seeds]))
+        # Assembled in NumPy (copies only): eager jnp ops would compile a program per shape.
+        shape = (len(seeds), len(hs))
+        flat = [draw(s, H) for s in seeds for H in hs]
+        out.append(jax.tree.map(lambda *a, shape=shape: jnp.asarray(np.stack(a).reshape(*shape, *a[0].shape)), *flat))
     return tuple(out)
 
 
@@ -280,18 +285,31 @@ def _optimizer(cfg, name):
     return make(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def run_group(
-    cfg: RatesConfig,
-    group: Group,
-    seeds: list[int],
-    emit: Callable,
-    emit_training: Callable,
-    progress: Callable | None = None,
-) -> dict:
-    """Train and evaluate one group; ``emit(row)`` per (point, seed), ``emit_training(row)`` per step. Returns the
-    group's training diagnostics."""
+@dataclass
+class Prepared:
+    """One group's problem, initial state and inputs, and the programs compiling ahead for it: ``ahead`` maps a
+    phase (``"train"``, ``"eval"``, ``"search"``) to the future of its compilation (``None``: not compiling ahead)."""
+
+    group: Group
+    seeds: list
+    task: object
+    problem: core.Problem
+    opt: object
+    lim: core.LimitState
+    st: core.SeedState
+    test: np.ndarray
+    cand: np.ndarray
+    labels: np.ndarray
+    ahead: dict
+
+
+def prepare(cfg: RatesConfig, group: Group, seeds: list[int], pool=None) -> Prepared:
+    """Draw one group's limit, discrete models and inputs; with a ``concurrent.futures`` executor ``pool``, compile
+    its programs there, in the order the run needs them (training step, evaluation, search). XLA's compiler
+    releases the GIL, so on the 2-core CPU a second thread compiles the next phase's programs while this one runs
+    (its compilation is about half of the default run); the run's calls then find them in JAX's cache. The same
+    numbers: the same programs, only compiled earlier."""
     n, d = group.num_tokens, group.dim
-    dtype = _dtype(cfg)
     task = _task(cfg, n, d)
     problem = _problem(cfg, task, cfg.grid_size, cfg.solver_steps * (cfg.grid_size - 1))
     opt = _optimizer(cfg, group.optimizer)
@@ -302,17 +320,78 @@ def run_group(
     init_opt = lambda ps: tuple(jax.vmap(jax.vmap(opt.init))(p) for p in ps)  # noqa: E731
     st = core.SeedState(disc, init_opt(disc), disc, init_opt(disc))
     lim, st = place(lim, st, mesh(dataclasses.replace(cfg, seeds=len(seeds))))
+    test, cand, labels = _inputs(cfg, task, n, d)
+    # The test inputs are candidates of the supremum too (labelled "train"): uniform >= pointwise by construction.
+    cand, labels = np.concatenate([test, cand]), np.concatenate([np.zeros(len(test), int), labels])
+    ahead = {"train": None, "eval": None, "search": None}
+    if pool is not None:
+        batch = task.sample(jax.random.fold_in(_key(cfg, "data", n, d), 0), cfg.batch_size)
+        w = jnp.full((n,), 1.0 / n, _dtype(cfg))
+        xs = cand[:EVAL_CHUNK]
+        xs = jnp.asarray(np.concatenate([xs, np.repeat(xs[-1:], EVAL_CHUNK - len(xs), 0)]))  # as _evaluate pads
+        hyper = _hyper(cfg, group)
+        ahead["train"] = pool.submit(
+            _timed, lambda: core.train_step.lower(problem, lim, st, opt, batch, hyper).compile()
+        )
+        ahead["eval"] = pool.submit(
+            _timed, lambda: core.compile_evaluation(problem, lim.ens, st.discrete, xs, w, group.lmax)
+        )
+        ahead["search"] = pool.submit(
+            _timed,
+            lambda: core.compile_search(
+                problem, lim.ens, st.discrete, jnp.asarray(cand), w, group.lmax, particles=cfg.search_particles,
+                ascent_chunk=ASCENT_CHUNK, row_chunk=EVAL_CHUNK,
+            ),
+        )  # fmt: skip
+    return Prepared(group, list(seeds), task, problem, opt, lim, st, test, cand, labels, ahead)
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _hyper(cfg: RatesConfig, group: Group) -> tuple:
+    return (cfg.learning_rate, cfg.weight_decay, group.optimizer == "blockwise_adamw")
+
+
+def run_group(
+    cfg: RatesConfig,
+    group: Group,
+    seeds: list[int],
+    emit: Callable,
+    emit_training: Callable,
+    progress: Callable | None = None,
+    *,
+    prepared: Prepared | None = None,
+) -> dict:
+    """Train and evaluate one group (``prepared`` by :func:`prepare` for these seeds, or drawn here); ``emit(row)``
+    per (point, seed), ``emit_training(row)`` per step. Returns the group's training diagnostics."""
+    if prepared is None:
+        prepared = prepare(cfg, group, seeds)
+    if prepared.group != group or prepared.seeds != list(seeds):
+        raise ValueError("driver.run_group: prepared is for another group or other seeds.")
+    n, d = group.num_tokens, group.dim
+    dtype = _dtype(cfg)
+    task, problem, opt, lim, st = prepared.task, prepared.problem, prepared.opt, prepared.lim, prepared.st
     data_key = _key(cfg, "data", n, d)
-    hyper = (cfg.learning_rate, cfg.weight_decay, group.optimizer == "blockwise_adamw")
+    hyper = _hyper(cfg, group)
     fr_lim, fr_disc = [], []
     clock = {"t": time.perf_counter()}
     timings: dict = {}
+    ahead_s = {}
 
     def lap(name):  # wall time of each phase (its compilation included: the first call of each jitted piece)
         now = time.perf_counter()
         timings[name] = timings.get(name, 0.0) + now - clock["t"]
         clock["t"] = now
 
+    def wait(phase):  # a phase starts when its programs compiled ahead are ready (never compiled twice)
+        if prepared.ahead.get(phase) is not None:
+            ahead_s[phase] = prepared.ahead[phase].result()
+
+    wait("train")
     for step in range(cfg.steps):
         batch = task.sample(jax.random.fold_in(data_key, step), cfg.batch_size)
         lim, st, diag = core.train_step(problem, lim, st, opt, batch, hyper)
@@ -339,11 +418,12 @@ def run_group(
     spread = core.depth_spread(lim.ens, lim.init)
     w = jnp.full((n,), 1.0 / n, dtype)
     lmax = group.lmax
-    test, cand, labels = _inputs(cfg, task, n, d)
-    # The test inputs are candidates of the supremum too (labelled "train"): uniform >= pointwise by construction.
-    cand, labels = np.concatenate([test, cand]), np.concatenate([np.zeros(len(test), int), labels])
+    test, cand, labels = prepared.test, prepared.cand, prepared.labels
     prog = lambda name: None if progress is None else (lambda k: progress(name, k))  # noqa: E731
-    e_cand, cand_paths = _evaluate(problem, lim.ens, st.discrete, cand, w, lmax, chunk=4, progress=prog("eval"))
+    wait("eval")
+    e_cand, cand_paths = _evaluate(
+        problem, lim.ens, st.discrete, cand, w, lmax, chunk=EVAL_CHUNK, progress=prog("eval")
+    )
     lap("candidate evaluation")
     e_test = jax.tree.map(lambda a: a[..., : len(test)], e_cand)
     sur = core.surrogate(lim.ens, cfg.search_particles, lmax, problem.grid)
@@ -351,9 +431,11 @@ def run_group(
 
     def exact(seed_idx, point_idx, xs):  # each round's maximisers against the full limit
         return _evaluate_at(
-            problem, lim.ens, st.discrete, euler, seed_idx, point_idx, xs, w, lmax, chunk=4, progress=prog("eval")
-        )
+            problem, lim.ens, st.discrete, euler, seed_idx, point_idx, xs, w, lmax, chunk=EVAL_CHUNK,
+            progress=prog("eval"),
+        )  # fmt: skip
 
+    wait("search")
     res = sup_search(
         problem,
         sur,
@@ -370,6 +452,7 @@ def run_group(
         step_size=cfg.ascent_step_size,
         rounds=cfg.search_rounds,
         tol=cfg.search_tol,
+        chunk=ASCENT_CHUNK,
         progress=prog("search"),
     )
     lap("search (cheap-limit ascent, maximisers against the full limit)")
@@ -430,4 +513,6 @@ def run_group(
                     "param_gap": float(gaps[si, p]),
                 }
             )
+    if ahead_s:
+        timings["compiled ahead on a second thread (not in the wall time)"] = sum(ahead_s.values())
     return {"sign_fraction_limit": fr_lim, "sign_fraction_discrete": fr_disc, **spread, "timings_s": timings}
