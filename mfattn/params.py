@@ -106,8 +106,8 @@ def _draw(sample, key, shape):
     whose size is a power of two (at least :data:`DRAW_BLOCK`), reshaped. Under JAX's partitionable threefry (its
     default) a value depends on the key and its flat index only, so these are the same numbers (tested); eagerly,
     one compiled program per size class instead of one per shape: each costs about a second of XLA compilation
-    on the 2-core CPU, and the rates experiment's grids draw 21 shapes."""
-    size = math.prod(shape)
+    on the 2-core CPU (the default rates run compiled it 21 times)."""
+    size = int(math.prod(shape))
     if size == 0 or not jax.config.jax_threefry_partitionable:
         return sample(key, shape)
     n = max(DRAW_BLOCK, 1 << (size - 1).bit_length())
