@@ -302,6 +302,57 @@ def test_search_never_lowers_the_estimate_and_reports_its_gain(getkey):
     assert not np.allclose(raw, exact[[0, 1], [1, 0], [0, 1]], rtol=1e-3)
 
 
+def test_pooled_search_offers_each_maximiser_to_every_point_of_its_seed_and_no_other_seed(getkey):
+    cfg = load_config(quick=True, overrides={"precision": "float64"})
+    task = driver._task(cfg, 3, 2)
+    problem = driver._problem(cfg, task, 3, 2)
+    reps = driver._replicas(cfg, getkey(), 3, 64, 2)
+    disc = driver._discrete(cfg, [0, 1, 2], [(2, 1), (2, 2), (4, 2)], 2, "t")
+    cand = jnp.asarray(driver._train_like(cfg, task, getkey(), 4))
+    w = jnp.asarray([0.5, 0.3, 0.2])
+    exact, paths = core.evaluate_and_paths(problem, reps, disc, cand, w, 4)
+    exact = np.asarray(exact.err)
+    sur = core.surrogate(reps, 8, 4, problem.grid)
+    euler = core.euler_heads(reps, disc, problem.grid)
+
+    def rows(d, eu):
+        return lambda s, p, x: driver._evaluate_at(problem, reps, d, eu, s, p, x, w, 4, chunk=2, progress=None)
+
+    def seed_rows(d, eu):
+        return lambda s, x: driver._evaluate_seed_at(problem, reps, d, eu, s, x, w, 4, chunk=2, progress=None)
+
+    # Every point of a seed at one limit solve per input: the numbers of one row at a time.
+    xs, s = np.asarray(cand[:3]), np.array([2, 0, 2])
+    every = seed_rows(disc, euler)(s, xs)
+    for p in range(3):
+        for a, b in zip(every, rows(disc, euler)(s, np.full(3, p), xs)):
+            np.testing.assert_allclose(np.asarray(a)[:, p], b, rtol=1e-10)
+
+    def run(d, eu, ex, pool, rounds):
+        return rates.search.sup_search(
+            problem, sur, d, cand, paths, ex, w, 4, rows(d, eu), radius=1.0, starts=1, steps=2, step_size=0.1,
+            rounds=rounds, tol=0.05, exact_seed=seed_rows(d, eu), pool=pool,
+        )  # fmt: skip
+
+    own, pooled = run(disc, euler, exact, False, 1), run(disc, euler, exact, True, 1)
+    # One round climbs the same paths in both: the pool only adds offers, never lowering an estimate.
+    assert np.all(pooled.value >= own.value) and not np.any(own.pooled) and np.any(pooled.pooled)
+    np.testing.assert_allclose(pooled.value[~pooled.pooled], own.value[~pooled.pooled], rtol=1e-10)
+    pooled = run(disc, euler, exact, True, 3)
+    assert np.all(pooled.value == np.fmax(pooled.candidate_value, pooled.search_value))
+    assert np.all(pooled.converged == (pooled.gain < 0.05)) and np.all(pooled.rounds >= 1)
+    # Each estimate is the exact error of its own row at its reported input (wherever the input came from).
+    ss, pp = (a.ravel() for a in np.meshgrid(np.arange(3), np.arange(3), indexing="ij"))
+    again = rows(disc, euler)(ss, pp, pooled.argmax[ss, pp])
+    np.testing.assert_allclose(again.err.reshape(3, 3), pooled.value, rtol=1e-10)
+    assert np.all(np.isnan(pooled.surrogate_value[pooled.pooled]))  # climbed on another row's objective
+    # Seeds are not pooled: the first seed alone searches exactly as beside the others.
+    first = tuple(jax.tree.map(lambda a: a[:1], g) for g in disc)
+    alone = run(first, core.euler_heads(reps, first, problem.grid), exact[:1], True, 3)
+    np.testing.assert_allclose(alone.value, pooled.value[:1], rtol=1e-10)
+    np.testing.assert_array_equal(alone.rounds, pooled.rounds[:1])
+
+
 def test_the_maximisers_rows_equal_the_full_evaluation(getkey):
     """:func:`core.evaluate_rows` (one row per input) gives the numbers of :func:`core.evaluate` (every seed and point
     at every input) for its row."""
@@ -395,9 +446,10 @@ def test_report_rebuilds_the_summary_from_the_files(rates_quick_run):
 def test_compiling_ahead_changes_no_number_and_compiles_each_program_once(tmp_path):
     """Each group's programs compile on a second thread while earlier phases run (driver.prepare): the same rows as
     without, and no program compiled twice (the run's calls find the programs compiled ahead in JAX's cache)."""
+    # The pooled search (search_pool) runs the exact rows' programs, no other.
     cfg = dataclasses.replace(
         rates.load_config(quick=True), control=False, depths=[2], heads=[1, 2], seeds=2, dims_sweep=[3],
-        sweep_points=[[2, 1]],
+        sweep_points=[[2, 1]], search_pool=True,
     )  # fmt: skip
     names = {"train_step", "limit_replica_paths", "_errors_from_paths", "euler_heads", "surrogate_paths",
              "surrogate_values_and_grads", "_rows_from_paths"}  # fmt: skip
@@ -421,7 +473,7 @@ def test_compiling_ahead_changes_no_number_and_compiles_each_program_once(tmp_pa
         jax.monitoring.unregister_event_duration_listener(listen)
     assert runs[True][0] == runs[False][0] and set(runs[True][0]) == names
     assert runs[True][0]["train_step"] == 3  # one per group: LH, and d = 3 under both optimizers
-    assert runs[True][1] == runs[False][1]
+    assert runs[True][1] == runs[False][1] and runs[True][2]["sup_search"]["pooled"] is True
     ahead = [t for k, t in runs[True][2]["timings_s"].items() if k not in ("fits", "control")]
     assert len(ahead) == 3 and all(t["compiled ahead on a second thread (not in the wall time)"] > 0 for t in ahead)
 

@@ -138,6 +138,12 @@ class RatesConfig:
     ascent_step_size: float = _f(0.1, "ascent step, as a fraction of R", "pos")
     search_rounds: int = _f(2, "most budget doublings of the search", "posint")
     search_tol: float = _f(0.05, "the search has converged when the last doubling gained less than this", "pos")
+    search_pool: bool = _f(
+        False,
+        "pool each round's maximisers over their seed's points: each is evaluated at every (L, H) of its seed "
+        "(up to 13% higher estimates at large L H in the default run, 2.2x the search's time; false: own point only)",
+        "bool",
+    )
     precision: str = _f("float32", "float32 or float64", "choice:precision")
     # ---- execution only (a resumed run may change these)
     shard_seeds: bool = _f(True, "several devices: split the seeds over them", "bool")

@@ -45,6 +45,7 @@ __all__ = [
     "evaluate",
     "evaluate_and_paths",
     "evaluate_rows",
+    "rows_from_paths",
     "limit_replica_paths",
     "surrogate",
     "surrogate_paths",
@@ -270,6 +271,13 @@ def _rows_from_paths(problem: Problem, group: Params, euler: Params, xs, w, rows
     return RowErrors(*jax.lax.map(one, (xs, rows, gidx, xr, pr)))
 
 
+def rows_from_paths(problem: Problem, group: Params, euler: Params, xs, w, rows, gidx, xr, pr, lmax: int):
+    """:class:`RowErrors` of row ``q`` (seed ``rows[q]``, head count ``gidx[q]`` of the depth group ``group``) at
+    the input ``xs[q]`` against given replica paths ``xr[q], pr[q]`` (``(Q, R, lmax + 1, N, d)``, from
+    :func:`limit_replica_paths`): one limit solve can serve several rows (the search's pooled maximisers)."""
+    return _rows_from_paths(problem, group, euler, xs, w, rows, gidx, xr, pr, lmax)
+
+
 def evaluate_rows(problem: Problem, reps: Params, group: Params, euler: Params, xs, w, rows, gidx, lmax: int):
     """:class:`RowErrors` of row ``q``: seed ``rows[q]`` and head count ``gidx[q]`` of the depth group ``group``
     (leaves ``(S, G, L, H_max, d, k)``, Euler heads ``euler`` from :func:`euler_heads`) at the input ``xs[q]``.
@@ -345,10 +353,10 @@ def compile_search(problem: Problem, reps: Params, discrete: tuple, candidates, 
     sur = surrogate(reps, particles, lmax, problem.grid)
     surrogate_paths.lower(problem, sur, candidates, w).compile()
     euler = _zeros(jax.eval_shape(lambda: euler_heads(reps, discrete, problem.grid)))
-    one = candidates[:1]
     xs_a = jnp.asarray(np.zeros((ascent_chunk, *candidates.shape[1:]), candidates.dtype))
     xs_r = jnp.asarray(np.zeros((row_chunk, *candidates.shape[1:]), candidates.dtype))
-    offsets = _zeros(jax.eval_shape(lambda: surrogate_paths(problem, sur, jnp.repeat(one, ascent_chunk, 0), w)))
+    path = jax.ShapeDtypeStruct((ascent_chunk, lmax + 1, *candidates.shape[1:]), candidates.dtype)
+    offsets = _zeros((path, path))  # a row's correction: full minus cheap paths (x, p) at its start
     xr, pr = _zeros(jax.eval_shape(lambda: limit_replica_paths(problem, reps, xs_r, w, lmax)))
     for group, heads in zip(discrete, euler):
         rows, gidx = _index(ascent_chunk), _index(ascent_chunk)

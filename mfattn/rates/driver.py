@@ -216,6 +216,39 @@ def _evaluate_at(problem, reps, discrete, euler, seed_idx, point_idx, xs, w, lma
     return core.RowErrors(*out)
 
 
+def _evaluate_seed_at(problem, reps, discrete, euler, seed_idx, xs, w, lmax, *, chunk: int, progress):
+    """The exact errors of every point of seed ``seed_idx[q]`` at the input ``xs[q]`` (``(Q, N, d)``):
+    :class:`core.RowErrors` of ``(Q, P)`` arrays, one limit solve per input shared by the seed's points (the
+    programs of :func:`_evaluate_at`, the same chunk shapes)."""
+    seed_idx, xs = np.asarray(seed_idx), np.asarray(xs)
+    num = xs.shape[0]
+    pad = lambda a, n: np.concatenate([a, np.repeat(a[-1:], chunk - n, 0)]) if n < chunk else a  # noqa: E731
+    xr, pr = [], []
+    for lo in range(0, num, chunk):
+        part = xs[lo : lo + chunk]
+        n = part.shape[0]
+        a, b = core.limit_replica_paths(problem, reps, jnp.asarray(pad(part, n)), w, lmax)
+        xr.append(np.asarray(a)[:n])
+        pr.append(np.asarray(b)[:n])
+    xr, pr = np.concatenate(xr), np.concatenate(pr)
+    p_group, p_g = point_layout(discrete)
+    out = [np.zeros((num, p_group.shape[0])) for _ in core.RowErrors._fields]
+    for j, params in enumerate(discrete):
+        qq, pp = (a.ravel() for a in np.meshgrid(np.arange(num), np.nonzero(p_group == j)[0], indexing="ij"))
+        for lo in range(0, qq.shape[0], chunk):
+            q, p = qq[lo : lo + chunk], pp[lo : lo + chunk]
+            n = q.shape[0]
+            e = core.rows_from_paths(
+                problem, params, euler[j], jnp.asarray(pad(xs[q], n)), w, jnp.asarray(pad(seed_idx[q], n)),
+                jnp.asarray(pad(p_g[p], n)), jnp.asarray(pad(xr[q], n)), jnp.asarray(pad(pr[q], n)), lmax,
+            )  # fmt: skip
+            for o, a in zip(out, e):
+                o[q, p] = np.asarray(a)[:n]
+    if progress is not None:
+        progress(num)
+    return core.RowErrors(*out)
+
+
 def run_control(cfg: RatesConfig, seeds: list[int], emit: Callable, progress=None) -> None:
     """The step-0 positive control; ``emit(row)`` for each (point, seed)."""
     n, d = cfg.num_tokens, cfg.dim
@@ -435,6 +468,11 @@ def run_group(
             progress=prog("eval"),
         )  # fmt: skip
 
+    def exact_seed(seed_idx, xs):  # pooled: each maximiser at every point of its seed
+        return _evaluate_seed_at(
+            problem, lim.ens, st.discrete, euler, seed_idx, xs, w, lmax, chunk=EVAL_CHUNK, progress=prog("eval")
+        )
+
     wait("search")
     res = sup_search(
         problem,
@@ -454,6 +492,8 @@ def run_group(
         tol=cfg.search_tol,
         chunk=ASCENT_CHUNK,
         progress=prog("search"),
+        exact_seed=exact_seed,
+        pool=cfg.search_pool,
     )
     lap("search (cheap-limit ascent, maximisers against the full limit)")
     num_seeds, num_points = res.value.shape
@@ -500,7 +540,7 @@ def run_group(
                     "uniform_err": float(uni),
                     "uniform_test_set": float(ts_val[si, p]),
                     "uniform_search": float(exact_max[si, p]),
-                    "uniform_source": "search" if use_search else "test_set",
+                    "uniform_source": ("pool" if res.pooled[si, p] else "search") if use_search else "test_set",
                     "uniform_mc": float(mc_max[si, p] if use_search else ts_mc[si, p]),
                     "uniform_fluct": float(fluct_sup[si, p]),
                     "surrogate_value": float(res.surrogate_value[si, p]),
