@@ -1,0 +1,146 @@
+"""How far the supremum search is from converged: one `mfattn rates` run (the default configuration), whose search
+phase runs several searches on the same trained models side by side, each timed: the configured budget (the
+run's own, reported), the same pooled over each seed's points (`search_pool`), one more doubling, a larger first
+budget, and one big round. Then every (seed, point) row is evaluated at *every* row's maximiser of the configured
+search (other seeds' too: one limit solve per input, `core.evaluate_and_paths`), which no reported search does
+(it would make the seeds dependent), as a measure of how shared the peaks are.
+
+Per point: the rms over seeds of each search's estimates against the best value any of them found (the
+"best-known"; the supremum is at least that), the last doubling's gain (the convergence test), and the time.
+
+    python benchmarks/search_budget.py            # the default configuration (about 15 minutes)
+    python benchmarks/search_budget.py --quick    # the smoke-test configuration
+
+Prints a table and writes benchmarks/results/search_budget.json (search_budget_quick.json with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from mfattn import rates
+from mfattn.rates import core, driver, search
+
+
+def variants(cfg) -> list[tuple[str, dict]]:
+    """``(name, sup_search overrides)``; the first is the configuration's own search."""
+    base = dict(starts=cfg.ascent_starts, steps=cfg.ascent_steps, rounds=cfg.search_rounds, pool=False)
+    return [
+        ("configured", base),
+        ("pooled over the seed's points", dict(base, pool=True)),
+        ("one more doubling", dict(base, rounds=cfg.search_rounds + 1)),
+        (
+            "twice the steps, step 0.2 R",
+            dict(base, steps=2 * cfg.ascent_steps, rounds=cfg.search_rounds + 1, step_size=2 * cfg.ascent_step_size),
+        ),  # fmt: skip
+        ("one round, 4 starts x 16 steps", dict(base, starts=4, steps=16, rounds=1)),
+    ]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--config", default=None)
+    args = ap.parse_args(argv)
+    cfg = rates.load_config(args.config, quick=args.quick)
+    cfg = dataclasses.replace(cfg, control=False, tokens_sweep=[], dims_sweep=[])  # the (L, H) grid's search only
+    found: dict = {}
+    original, surrogate = driver.sup_search, core.surrogate
+
+    def keep_limit(reps, *a, **k):  # the trained limit, for evaluating every row at every maximiser
+        found["reps"] = reps
+        return surrogate(reps, *a, **k)
+
+    def searches(problem, sur, discrete, candidates, candidate_paths, exact_errs, w, lmax, exact, **kw):
+        out, values = [], []
+        for name, over in variants(cfg):
+            t0 = time.perf_counter()
+            res = original(problem, sur, discrete, candidates, candidate_paths, exact_errs, w, lmax, exact,
+                           **{**kw, **over})  # fmt: skip
+            seconds = time.perf_counter() - t0
+            values.append(res.value)
+            out.append((name, over, res, seconds))
+            if name == "configured":
+                configured = res
+        # Every row at every row's maximiser of the configured search (other seeds' included).
+        S, P = configured.value.shape
+        xs = configured.argmax.reshape(S * P, *configured.argmax.shape[2:])
+        t0 = time.perf_counter()
+        errs = []
+        for lo in range(0, xs.shape[0], driver.EVAL_CHUNK):
+            part = xs[lo : lo + driver.EVAL_CHUNK]
+            n = part.shape[0]
+            part = np.concatenate([part, np.repeat(part[-1:], driver.EVAL_CHUNK - n, 0)])
+            e = core.evaluate(problem, found["reps"], discrete, jnp.asarray(part), w, lmax)
+            errs.append(np.asarray(e.err)[..., :n])
+        every = np.fmax(configured.value, np.max(np.concatenate(errs, axis=-1), axis=-1))
+        found["every"] = (every, time.perf_counter() - t0)
+        found["searches"] = out
+        found["best"] = np.max(np.stack(values + [every]), axis=0)
+        return configured
+
+    driver.sup_search, core.surrogate = searches, keep_limit
+    t0 = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            rates.run(cfg, os.path.join(tmp, "run"))
+    finally:
+        driver.sup_search, core.surrogate = original, surrogate
+    wall = time.perf_counter() - t0
+    best = found["best"]
+    rms = lambda v: np.sqrt(np.mean(np.asarray(v, float) ** 2, axis=0))  # noqa: E731
+    points = cfg.points
+    rows = []
+    for name, over, res, seconds in found["searches"]:
+        gain = search.point_gain(res.value, res.gain)
+        rows.append(
+            {
+                "search": name,
+                "settings": {k: v for k, v in over.items()},
+                "seconds": seconds,
+                "rms": rms(res.value).tolist(),
+                "of_best_known": (rms(res.value) / rms(best)).tolist(),
+                "point_gain": gain.tolist(),
+                "max_gain": float(np.max(gain)),
+                "converged": bool(np.max(gain) < cfg.search_tol),
+            }
+        )
+    every, seconds = found["every"]
+    rows.append(
+        {
+            "search": "every row at every row's maximiser (seeds dependent)",
+            "seconds": seconds,
+            "rms": rms(every).tolist(),
+            "of_best_known": (rms(every) / rms(best)).tolist(),
+        }
+    )
+    print(f"\n{'search':<66}{'s':>7}{'max gain':>10}  of best-known per point {points}")
+    for r in rows:
+        gain = f"{r['max_gain']:.3f}" if "max_gain" in r else ""
+        print(f"{r['search']:<66}{r['seconds']:>7.1f}{gain:>10}  " + " ".join(f"{v:.2f}" for v in r["of_best_known"]))
+    result = {
+        "config": "quick" if args.quick else (args.config or "default"),
+        "points": points,
+        "seeds": cfg.seeds,
+        "tol": cfg.search_tol,
+        "best_known_rms": rms(best).tolist(),
+        "searches": rows,
+        "wall_s": wall,
+    }
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    name = "search_budget_quick.json" if args.quick else "search_budget.json"
+    with open(os.path.join(os.path.dirname(__file__), "results", name), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
