@@ -254,18 +254,23 @@ def test_the_error_splits_at_the_euler_limit(getkey):
     assert np.all(e.fluct_mc > 0)
 
 
-def test_search_never_lowers_the_estimate_and_reports_its_gain(getkey):
+def _search_problem(getkey, seeds):
+    """A float64 search instance: 3 tokens, a 64-particle limit, three (L, H) points in two depth groups, 4
+    candidates with their exact errors and full-limit paths, an 8-particle cheap limit, the Euler heads."""
     cfg = load_config(quick=True, overrides={"precision": "float64"})
     task = driver._task(cfg, 3, 2)
     problem = driver._problem(cfg, task, 3, 2)
     reps = driver._replicas(cfg, getkey(), 3, 64, 2)
-    disc = driver._discrete(cfg, [0, 1], [(2, 1), (2, 2), (4, 2)], 2, "t")
+    disc = driver._discrete(cfg, seeds, [(2, 1), (2, 2), (4, 2)], 2, "t")
     cand = jnp.asarray(driver._train_like(cfg, task, getkey(), 4))
     w = jnp.asarray([0.5, 0.3, 0.2])
     exact, paths = core.evaluate_and_paths(problem, reps, disc, cand, w, 4)
-    exact = np.asarray(exact.err)
     sur = core.surrogate(reps, 8, 4, problem.grid)
-    euler = core.euler_heads(reps, disc, problem.grid)
+    return problem, reps, disc, cand, w, np.asarray(exact.err), paths, sur, core.euler_heads(reps, disc, problem.grid)
+
+
+def test_search_never_lowers_the_estimate_and_reports_its_gain(getkey):
+    problem, reps, disc, cand, w, exact, paths, sur, euler = _search_problem(getkey, [0, 1])
     calls = []
 
     def full(s, p, x):  # the full limit's verdict on each round's maximisers
@@ -303,17 +308,7 @@ def test_search_never_lowers_the_estimate_and_reports_its_gain(getkey):
 
 
 def test_pooled_search_offers_each_maximiser_to_every_point_of_its_seed_and_no_other_seed(getkey):
-    cfg = load_config(quick=True, overrides={"precision": "float64"})
-    task = driver._task(cfg, 3, 2)
-    problem = driver._problem(cfg, task, 3, 2)
-    reps = driver._replicas(cfg, getkey(), 3, 64, 2)
-    disc = driver._discrete(cfg, [0, 1, 2], [(2, 1), (2, 2), (4, 2)], 2, "t")
-    cand = jnp.asarray(driver._train_like(cfg, task, getkey(), 4))
-    w = jnp.asarray([0.5, 0.3, 0.2])
-    exact, paths = core.evaluate_and_paths(problem, reps, disc, cand, w, 4)
-    exact = np.asarray(exact.err)
-    sur = core.surrogate(reps, 8, 4, problem.grid)
-    euler = core.euler_heads(reps, disc, problem.grid)
+    problem, reps, disc, cand, w, exact, paths, sur, euler = _search_problem(getkey, [0, 1, 2])
 
     def rows(d, eu):
         return lambda s, p, x: driver._evaluate_at(problem, reps, d, eu, s, p, x, w, 4, chunk=2, progress=None)
