@@ -30,6 +30,7 @@ from mfattn.rates.config import RatesConfig, load_config, print_config
         ("learning_rate = inf", "learning_rate"),
         ('init = "bogus"', "init"),
         ('control = "false"', "control"),
+        ("search_pool = 1", "search_pool"),
         ("seeds = 0", "seeds"),
         ("seeds = true", "seeds"),
         ("replicas = 2", "replicas"),
