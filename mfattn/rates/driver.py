@@ -175,15 +175,19 @@ def _inputs(cfg: RatesConfig, task, n: int, d: int):
     return test, np.concatenate(cand), labels
 
 
+def _pad(a: np.ndarray, size: int) -> np.ndarray:
+    """``a`` with its last entry repeated up to ``size`` entries: every call of a chunked program has one shape."""
+    n = a.shape[0]
+    return np.concatenate([a, np.repeat(a[-1:], size - n, 0)]) if n < size else a
+
+
 def _evaluate(problem, reps, discrete, xs, w, lmax, *, chunk: int, progress) -> tuple:
     """:func:`core.evaluate_and_paths` in chunks of ``chunk`` inputs (one compiled shape; progress after each)."""
     parts, paths = [], []
     for lo in range(0, xs.shape[0], chunk):
         part = xs[lo : lo + chunk]
         n = part.shape[0]
-        if n < chunk:
-            part = np.concatenate([part, np.repeat(part[-1:], chunk - n, 0)])
-        e, z = core.evaluate_and_paths(problem, reps, discrete, jnp.asarray(part), w, lmax)
+        e, z = core.evaluate_and_paths(problem, reps, discrete, jnp.asarray(_pad(part, chunk)), w, lmax)
         parts.append(jax.tree.map(lambda a: np.asarray(a)[..., :n], e))  # noqa: B023
         paths.append(jax.tree.map(lambda a: np.asarray(a)[:n], z))  # noqa: B023
         if progress is not None:
@@ -192,28 +196,44 @@ def _evaluate(problem, reps, discrete, xs, w, lmax, *, chunk: int, progress) -> 
     return jax.tree.map(cat(-1), *parts), jax.tree.map(cat(0), *paths)
 
 
-def _evaluate_at(problem, reps, discrete, euler, seed_idx, point_idx, xs, w, lmax, *, chunk: int, progress):
-    """The exact errors of row ``q`` (seed ``seed_idx[q]``, point ``point_idx[q]``) at its own input ``xs[q]``
-    (``(Q, N, d)``): one limit solve and one discrete model per row (:func:`core.evaluate_rows`), ``(Q,)`` each;
-    ``euler`` from :func:`core.euler_heads`."""
-    seed_idx, point_idx, xs = np.asarray(seed_idx), np.asarray(point_idx), np.asarray(xs)
+def _replica_paths(problem, reps, xs, w, lmax, *, chunk: int, progress):
+    """Every replica's paths at each input of ``xs`` (``(Q, N, d)``), two ``(Q, R, lmax + 1, N, d)``: one limit
+    solve per input, in chunks of ``chunk`` (:func:`core.limit_replica_paths`; progress after each)."""
+    xr, pr = [], []
+    for lo in range(0, xs.shape[0], chunk):
+        n = min(chunk, xs.shape[0] - lo)
+        a, b = core.limit_replica_paths(problem, reps, jnp.asarray(_pad(xs[lo : lo + n], chunk)), w, lmax)
+        xr.append(np.asarray(a)[:n])
+        pr.append(np.asarray(b)[:n])
+        if progress is not None:
+            progress(n)
+    return np.concatenate(xr), np.concatenate(pr)
+
+
+def _rows_at(problem, discrete, euler, seed_idx, point_idx, xs, w, xr, pr, lmax, *, chunk: int) -> core.RowErrors:
+    """Row ``q`` (seed ``seed_idx[q]``, point ``point_idx[q]``) at the input ``xs[q]`` against its replica paths
+    ``xr[q], pr[q]`` (:func:`core.rows_from_paths`, per depth group in chunks of ``chunk`` rows), ``(Q,)`` each."""
     p_group, p_g = point_layout(discrete)
     out = [np.zeros(seed_idx.shape) for _ in core.RowErrors._fields]
     for j, params in enumerate(discrete):
         mine = np.nonzero(p_group[point_idx] == j)[0]
         for lo in range(0, mine.shape[0], chunk):
             sel = mine[lo : lo + chunk]
-            n = sel.shape[0]
-            pad = lambda a: np.concatenate([a, np.repeat(a[-1:], chunk - n, 0)]) if n < chunk else a  # noqa: E731, B023
-            e = core.evaluate_rows(
-                problem, reps, params, euler[j], jnp.asarray(pad(xs[sel])), w,
-                jnp.asarray(pad(seed_idx[sel])), jnp.asarray(pad(p_g[point_idx[sel]])), lmax,
-            )  # fmt: skip
-            for o, a in zip(out, e):
-                o[sel] = np.asarray(a)[:n]
-            if progress is not None:
-                progress(n)
+            args = (xs[sel], seed_idx[sel], p_g[point_idx[sel]], xr[sel], pr[sel])
+            x, s, g, a, b = (jnp.asarray(_pad(v, chunk)) for v in args)
+            e = core.rows_from_paths(problem, params, euler[j], x, w, s, g, a, b, lmax)
+            for o, v in zip(out, e):
+                o[sel] = np.asarray(v)[: sel.shape[0]]
     return core.RowErrors(*out)
+
+
+def _evaluate_at(problem, reps, discrete, euler, seed_idx, point_idx, xs, w, lmax, *, chunk: int, progress):
+    """The exact errors of row ``q`` (seed ``seed_idx[q]``, point ``point_idx[q]``) at its own input ``xs[q]``
+    (``(Q, N, d)``): one limit solve and one discrete model per row, ``(Q,)`` each; ``euler`` from
+    :func:`core.euler_heads`."""
+    seed_idx, point_idx, xs = np.asarray(seed_idx), np.asarray(point_idx), np.asarray(xs)
+    xr, pr = _replica_paths(problem, reps, xs, w, lmax, chunk=chunk, progress=progress)
+    return _rows_at(problem, discrete, euler, seed_idx, point_idx, xs, w, xr, pr, lmax, chunk=chunk)
 
 
 def _evaluate_seed_at(problem, reps, discrete, euler, seed_idx, xs, w, lmax, *, chunk: int, progress):
@@ -221,32 +241,11 @@ def _evaluate_seed_at(problem, reps, discrete, euler, seed_idx, xs, w, lmax, *, 
     :class:`core.RowErrors` of ``(Q, P)`` arrays, one limit solve per input shared by the seed's points (the
     programs of :func:`_evaluate_at`, the same chunk shapes)."""
     seed_idx, xs = np.asarray(seed_idx), np.asarray(xs)
-    num = xs.shape[0]
-    pad = lambda a, n: np.concatenate([a, np.repeat(a[-1:], chunk - n, 0)]) if n < chunk else a  # noqa: E731
-    xr, pr = [], []
-    for lo in range(0, num, chunk):
-        part = xs[lo : lo + chunk]
-        n = part.shape[0]
-        a, b = core.limit_replica_paths(problem, reps, jnp.asarray(pad(part, n)), w, lmax)
-        xr.append(np.asarray(a)[:n])
-        pr.append(np.asarray(b)[:n])
-    xr, pr = np.concatenate(xr), np.concatenate(pr)
-    p_group, p_g = point_layout(discrete)
-    out = [np.zeros((num, p_group.shape[0])) for _ in core.RowErrors._fields]
-    for j, params in enumerate(discrete):
-        qq, pp = (a.ravel() for a in np.meshgrid(np.arange(num), np.nonzero(p_group == j)[0], indexing="ij"))
-        for lo in range(0, qq.shape[0], chunk):
-            q, p = qq[lo : lo + chunk], pp[lo : lo + chunk]
-            n = q.shape[0]
-            e = core.rows_from_paths(
-                problem, params, euler[j], jnp.asarray(pad(xs[q], n)), w, jnp.asarray(pad(seed_idx[q], n)),
-                jnp.asarray(pad(p_g[p], n)), jnp.asarray(pad(xr[q], n)), jnp.asarray(pad(pr[q], n)), lmax,
-            )  # fmt: skip
-            for o, a in zip(out, e):
-                o[q, p] = np.asarray(a)[:n]
-    if progress is not None:
-        progress(num)
-    return core.RowErrors(*out)
+    xr, pr = _replica_paths(problem, reps, xs, w, lmax, chunk=chunk, progress=progress)
+    num, points = xs.shape[0], point_layout(discrete)[0].shape[0]
+    q, p = (a.ravel() for a in np.meshgrid(np.arange(num), np.arange(points), indexing="ij"))
+    rows = _rows_at(problem, discrete, euler, seed_idx[q], p, xs[q], w, xr[q], pr[q], lmax, chunk=chunk)
+    return core.RowErrors(*(a.reshape(num, points) for a in rows))
 
 
 def run_control(cfg: RatesConfig, seeds: list[int], emit: Callable, progress=None) -> None:
@@ -360,8 +359,7 @@ def prepare(cfg: RatesConfig, group: Group, seeds: list[int], pool=None) -> Prep
     if pool is not None:
         batch = task.sample(jax.random.fold_in(_key(cfg, "data", n, d), 0), cfg.batch_size)
         w = jnp.full((n,), 1.0 / n, _dtype(cfg))
-        xs = cand[:EVAL_CHUNK]
-        xs = jnp.asarray(np.concatenate([xs, np.repeat(xs[-1:], EVAL_CHUNK - len(xs), 0)]))  # as _evaluate pads
+        xs = jnp.asarray(_pad(cand[:EVAL_CHUNK], EVAL_CHUNK))  # as _evaluate pads
         hyper = _hyper(cfg, group)
         ahead["train"] = pool.submit(
             _timed, lambda: core.train_step.lower(problem, lim, st, opt, batch, hyper).compile()
