@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import limit
+from .. import folded, limit
 from ..attention import SOFTMAX, Attention
 from ..losses import Loss
 from ..params import Params
@@ -73,6 +73,7 @@ class Problem(eqx.Module):
     rtol: float = eqx.field(static=True, default=1e-5)
     atol: float = eqx.field(static=True, default=1e-7)
     spec: Attention = eqx.field(static=True, default=SOFTMAX)
+    fold_heads: bool = eqx.field(static=True, default=True)  # the search's paths through mfattn.folded
 
     def solve_kwargs(self) -> dict:
         if self.steps > 0:
@@ -91,6 +92,17 @@ class Problem(eqx.Module):
         """A discrete model's tokens and adjoints at its layers: two ``(L + 1, N, d)``."""
         traj = forward(params, x, beta=self.beta, weights=w, attention=self.spec)
         ps = adjoint(params, traj, self.loss.lions(traj[-1], w, y), beta=self.beta, weights=w, attention=self.spec)
+        return traj, ps
+
+    def folded_paths(self, params: Params, x, w, y):
+        """:meth:`discrete_paths` through :mod:`mfattn.folded` (heads contracted in matrix products; the same
+        numbers up to rounding) where it computes this attention and ``fold_heads``, else :meth:`discrete_paths`:
+        for the supremum search's many paths of few tokens (its cheap limit's hundreds of heads per layer)."""
+        if not (self.fold_heads and folded.supports(self.spec)):
+            return self.discrete_paths(params, x, w, y)
+        f = folded.fold(params)
+        traj = folded.forward(f, x, beta=self.beta, weights=w, attention=self.spec)
+        ps = folded.adjoint(f, traj, self.loss.lions(traj[-1], w, y), beta=self.beta, weights=w, attention=self.spec)
         return traj, ps
 
 
@@ -299,7 +311,7 @@ def surrogate_paths(problem: Problem, sur: Params, xs, w):
     """The cheap limit's paths ``(x, p)`` at the inputs ``xs``: each ``(C, lmax + 1, N, d)``."""
 
     def one(x):
-        return problem.discrete_paths(sur, x, w, problem.task.target(x, w))
+        return problem.folded_paths(sur, x, w, problem.task.target(x, w))
 
     return jax.lax.map(one, xs)
 
@@ -315,8 +327,8 @@ def surrogate_values_and_grads(problem: Problem, sur: Params, group: Params, xs,
 
     def err(x, s, g, dx, dp):
         y = problem.task.target(x, w)
-        xl, pl = problem.discrete_paths(sur, x, w, y)
-        xd, pd = problem.discrete_paths(jax.tree.map(lambda a: a[s, g], group), x, w, y)
+        xl, pl = problem.folded_paths(sur, x, w, y)
+        xd, pd = problem.folded_paths(jax.tree.map(lambda a: a[s, g], group), x, w, y)
         sq = _d2(xd, (xl + dx)[::stride]) + _d2(pd, (pl + dp)[::stride])
         return jnp.sqrt(jnp.max(_masked(sq, w), axis=(-2, -1)))
 
