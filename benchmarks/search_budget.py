@@ -1,14 +1,15 @@
 """How far the supremum search is from converged: one `mfattn rates` run (the default configuration), whose search
 phase runs several searches on the same trained models side by side, each timed: the configured budget (the
-run's own, reported), the same pooled over each seed's points (`search_pool`), one more doubling, a larger first
-budget, and one big round. Then every (seed, point) row is evaluated at *every* row's maximiser of the configured
-search (other seeds' too: one limit solve per input, `core.evaluate_and_paths`), which no reported search does
-(it would make the seeds dependent), as a measure of how shared the peaks are.
+run's own, reported), the same budget under the other step rule, the defaults before 2026-12-07, the configured
+pooled over each seed's points (`search_pool`), one more doubling, and one big round. Then every (seed, point)
+row is evaluated at *every* row's maximiser of the configured search (other seeds' too: one limit solve per input,
+`core.evaluate_and_paths`), which no reported search does (it would make the seeds dependent), as a measure of how
+shared the peaks are.
 
 Per point: the rms over seeds of each search's estimates against the best value any of them found (the
 "best-known"; the supremum is at least that), the last doubling's gain (the convergence test), and the time.
 
-    python benchmarks/search_budget.py            # the default configuration (about 15 minutes)
+    python benchmarks/search_budget.py            # the default configuration (about 10 minutes)
     python benchmarks/search_budget.py --quick    # the smoke-test configuration
 
 Prints a table and writes benchmarks/results/search_budget.json (search_budget_quick.json with --quick).
@@ -32,16 +33,18 @@ from mfattn.rates import core, driver, search
 
 def variants(cfg) -> list[tuple[str, dict]]:
     """``(name, sup_search overrides)``; the first is the configuration's own search."""
-    base = dict(starts=cfg.ascent_starts, steps=cfg.ascent_steps, rounds=cfg.search_rounds, pool=False)
+    base = dict(starts=cfg.ascent_starts, steps=cfg.ascent_steps, rounds=cfg.search_rounds, pool=False,
+                step_size=cfg.ascent_step_size, rule=cfg.ascent_rule)  # fmt: skip
+    other = "fixed" if cfg.ascent_rule == "monotone" else "monotone"
     return [
         ("configured", base),
+        (f"the same budget, {other} rule", dict(base, rule=other)),
+        ("the defaults before 2026-12-07 (fixed, 1 x 2 at 0.1 R, 2 rounds)",
+         dict(base, starts=1, steps=2, step_size=0.1, rounds=2, rule="fixed")),  # fmt: skip
         ("pooled over the seed's points", dict(base, pool=True)),
         ("one more doubling", dict(base, rounds=cfg.search_rounds + 1)),
-        (
-            "twice the steps, step 0.2 R",
-            dict(base, steps=2 * cfg.ascent_steps, rounds=cfg.search_rounds + 1, step_size=2 * cfg.ascent_step_size),
-        ),  # fmt: skip
-        ("one round, 4 starts x 16 steps", dict(base, starts=4, steps=16, rounds=1)),
+        (f"one round, {4 * cfg.ascent_starts} starts x {8 * cfg.ascent_steps} steps",
+         dict(base, starts=4 * cfg.ascent_starts, steps=8 * cfg.ascent_steps, rounds=1)),  # fmt: skip
     ]
 
 

@@ -83,6 +83,7 @@ def sup_search(
     steps: int = 3,
     step_size: float = 0.1,
     values: Array | None = None,
+    rule: str = "fixed",
 ) -> dict:
     """Estimate ``sup_X err(X)`` over token sequences in the ball of radius ``radius``.
 
@@ -94,7 +95,8 @@ def sup_search(
         values_fn: ``(C, N, d) -> (C,)``, ``err`` of each input (batched, typically jitted).
         value_and_grad_fn: ``(S, N, d) -> ((S,), (S, N, d))``, ``err`` and its gradient in the input.
         candidates: ``(C, N, d)`` inputs, each token in the ball.
-        radius: ``R``; starts, steps, step_size: the ascent's budget.
+        radius: ``R``; starts, steps, step_size: the ascent's budget; rule: its step rule
+            (:func:`projected_ascent`).
         values: ``values_fn(candidates)`` if already computed.
 
     Returns:
@@ -113,7 +115,7 @@ def sup_search(
     if starts > 0 and steps > 0:
         order = jnp.argsort(-values)[:starts]
         best_vals, best_x = projected_ascent(
-            value_and_grad_fn, candidates[order], radius=radius, steps=steps, step_size=step_size
+            value_and_grad_fn, candidates[order], radius=radius, steps=steps, step_size=step_size, rule=rule
         )
         out["ascent"] = float(jnp.max(best_vals))
         if out["ascent"] > best_set:
@@ -123,6 +125,9 @@ def sup_search(
     return out
 
 
+ASCENT_RULES = ("fixed", "monotone")
+
+
 def projected_ascent(
     value_and_grad_fn: Callable[[Array], tuple[Array, Array]],
     x: Float[Array, "S N d"],
@@ -130,19 +135,38 @@ def projected_ascent(
     radius: float,
     steps: int,
     step_size: float,
+    rule: str = "fixed",
 ) -> tuple[Array, Array]:
-    """``steps`` steps of ``X <- Pi_R(X + step_size R g / |g|_F)`` from each of the ``S`` starts ``x``; returns
-    the best value seen on each path (the start included) and the input attaining it. Uses ``steps + 1``
-    calls of ``value_and_grad_fn: (S, N, d) -> ((S,), (S, N, d))`` and nothing else."""
+    """``steps`` steps of projected normalised gradient ascent from each of the ``S`` starts ``x``; returns the
+    best value seen on each path (the start included) and the input attaining it. Uses ``steps + 1`` calls of
+    ``value_and_grad_fn: (S, N, d) -> ((S,), (S, N, d))`` and nothing else.
+
+    ``rule="fixed"``: ``X <- Pi_R(X + step_size R g / |g|_F)`` from wherever the path is, whether or not the last
+    step climbed. ``rule="monotone"``: every step is tried from the path's best point so far,
+    ``Pi_R(X_best + s R g_best / |g_best|_F)``, with the path's own step ``s`` (``step_size`` at first) halved
+    after each trial that does not climb: the path never leaves its best point for a worse one, and refines
+    around a peak instead of circling it at a fixed distance."""
+    _checks.check_choice("projected_ascent", "rule", rule, ASCENT_RULES)
+    project = jax.vmap(lambda z: project_ball(z, radius))
+
+    def unit(g):
+        return g / jnp.maximum(jnp.sqrt(jnp.sum(g * g, axis=(-2, -1), keepdims=True)), 1e-30)
+
     vals, g = value_and_grad_fn(x)
-    best_vals, best_x = vals, x
+    best_vals, best_x, best_g = vals, x, g
+    step = jnp.full(vals.shape + (1, 1), step_size, x.dtype)
     for _ in range(steps):
-        gnorm = jnp.sqrt(jnp.sum(g * g, axis=(-2, -1), keepdims=True))
-        x = jax.vmap(lambda z: project_ball(z, radius))(x + step_size * radius * g / jnp.maximum(gnorm, 1e-30))
+        if rule == "fixed":
+            x = project(x + step * radius * unit(g))
+        else:
+            x = project(best_x + step * radius * unit(best_g))
         vals, g = value_and_grad_fn(x)
         improved = vals > best_vals
         best_vals = jnp.where(improved, vals, best_vals)
         best_x = jnp.where(improved[:, None, None], x, best_x)
+        if rule == "monotone":
+            best_g = jnp.where(improved[:, None, None], g, best_g)
+            step = jnp.where(improved[:, None, None], step, step / 2)
     return best_vals, best_x
 
 

@@ -31,6 +31,8 @@ from mfattn.rates.config import RatesConfig, load_config, print_config
         ('init = "bogus"', "init"),
         ('control = "false"', "control"),
         ("search_pool = 1", "search_pool"),
+        ('ascent_rule = "adam"', "ascent_rule"),
+        ("ascent_rule = 1", "ascent_rule"),
         ("seeds = 0", "seeds"),
         ("seeds = true", "seeds"),
         ("replicas = 2", "replicas"),
@@ -413,6 +415,16 @@ def test_resume_recomputes_nothing_and_a_cut_row_is_recomputed(rates_quick_run, 
     rates.run(cfg, str(copy), log=messages.append, compile_ahead=False)  # run_group is replaced: nothing to compile
     assert len(calls) == 1 and calls[0][2] == [cfg.seeds - 1]  # the cut row (the last seed's) is recomputed
     assert any("incomplete" in m for m in messages)
+
+
+def test_a_folder_from_before_the_ascent_rule_reads_as_the_fixed_rule(rates_quick_run):
+    """A run folder whose config.json predates ``ascent_rule`` ran the fixed-step ascent: resuming it with the new
+    default (monotone) is refused naming the setting, and with ``ascent_rule = "fixed"`` it is the same run."""
+    cfg, out, _ = rates_quick_run
+    stored = {k: v for k, v in rates.io.identity(cfg).items() if k != "ascent_rule"}
+    assert cfg.ascent_rule == "monotone"
+    assert rates.io.folder(cfg, out).differences(stored) == ["ascent_rule"]
+    assert rates.io.folder(dataclasses.replace(cfg, ascent_rule="fixed"), out).differences(stored) == []
 
 
 def test_a_changed_statistical_setting_is_refused_and_more_seeds_extend(rates_quick_run, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from ..attention import Attention, as_attention
+from ..metrics import ASCENT_RULES
 
 __all__ = ["RatesConfig", "QUICK", "TASKS", "OPTIMIZERS", "load_config", "print_config", "EXECUTION_ONLY"]
 
@@ -24,6 +25,8 @@ OPTIMIZERS = ("adamw", "blockwise_adamw")
 #: and ``seeds``, ``control_seeds``: adding seeds to a run extends it (each seed's draws do not depend on the seed
 #: count).
 EXECUTION_ONLY = ("shard_seeds", "shard_particles", "seeds", "control_seeds")
+#: What a run folder whose config.json predates a setting ran with, where that differs from today's default.
+LEGACY_DEFAULTS = {"ascent_rule": "fixed"}
 
 
 def _f(default, doc: str, kind: str | None = None):
@@ -134,9 +137,15 @@ class RatesConfig:
         "posint",
     )
     ascent_starts: int = _f(1, "ascent starts per point and seed in the first round (doubled each round)", "posint")
-    ascent_steps: int = _f(2, "ascent steps in the first round (doubled each round)", "posint")
-    ascent_step_size: float = _f(0.1, "ascent step, as a fraction of R", "pos")
-    search_rounds: int = _f(2, "most budget doublings of the search", "posint")
+    ascent_steps: int = _f(8, "ascent steps in the first round (doubled each round)", "posint")
+    ascent_step_size: float = _f(0.25, "ascent step (the first, under the monotone rule), as a fraction of R", "pos")
+    ascent_rule: str = _f(
+        "monotone",
+        "monotone: each step tried from the path's best point, halved after a step that does not climb; "
+        "fixed: a constant step from wherever the path is (run folders older than this setting used fixed)",
+        "choice:ascent_rule",
+    )
+    search_rounds: int = _f(3, "most budget doublings of the search", "posint")
     search_tol: float = _f(0.05, "the search has converged when the last doubling gained less than this", "pos")
     search_pool: bool = _f(
         False,
@@ -257,6 +266,7 @@ def _check(name: str, v, kind: str | None) -> None:
             "optimizer": OPTIMIZERS,
             "precision": ("float32", "float64"),
             "init": ("xavier_uniform", "truncated_normal", "mean_noise"),
+            "ascent_rule": ASCENT_RULES,
         }[kind[7:]]
         if v not in choices:
             bad(f"one of {choices}")

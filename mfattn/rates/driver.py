@@ -492,6 +492,7 @@ def run_group(
         progress=prog("search"),
         exact_seed=exact_seed,
         pool=cfg.search_pool,
+        rule=cfg.ascent_rule,
     )
     lap("search (cheap-limit ascent, maximisers against the full limit)")
     num_seeds, num_points = res.value.shape

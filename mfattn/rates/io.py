@@ -9,7 +9,7 @@ import json
 import os
 
 from ..runfolder import RunFolder
-from .config import EXECUTION_ONLY, RatesConfig
+from .config import EXECUTION_ONLY, LEGACY_DEFAULTS, RatesConfig
 
 __all__ = ["RESULTS", "CONTROL", "TRAINING", "OUTPUTS", "Table", "identity", "folder", "check_folder", "fmt_row"]
 
@@ -137,7 +137,9 @@ def folder(cfg: RatesConfig, out_dir: str) -> RunFolder:
         columns=RESULTS[0] + RESULTS[1],
         key_columns=RESULTS[0],
         execution_only=EXECUTION_ONLY,
-        defaults=dataclasses.asdict(RatesConfig()),
+        # A setting a folder's config.json lacks is read as its default, but as what such a folder ran where the
+        # setting came later with another default (the ascent's step rule: folders before it ran "fixed").
+        defaults=dataclasses.asdict(RatesConfig()) | LEGACY_DEFAULTS,
         who="rates",
         outputs=OUTPUTS,
     )

@@ -103,11 +103,13 @@ def sup_search(
     progress=None,
     exact_seed=None,
     pool: bool = False,
+    rule: str = "fixed",
 ) -> SearchResult:
     """Round ``r = 0, 1, ...`` climbs from the ``starts 2^r`` worst candidates of each (seed, point) (ranked by the
     exact errors ``exact_errs``, ``(S, P, C)``) for ``steps 2^r`` steps on the corrected surrogate (the cheap limit
     ``sur`` plus, per path, the full limit's paths ``candidate_paths`` (two ``(C, lmax + 1, N, d)``) minus the cheap
-    limit's at its start); the round's best path end is evaluated against the full limit by
+    limit's at its start; :func:`mfattn.metrics.projected_ascent` with ``step_size`` and ``rule``); the round's best
+    path end is evaluated against the full limit by
     ``exact(seed_idx (Q,), point_idx (Q,), xs (Q, N, d)) -> RowErrors`` of ``(Q,)`` arrays. The estimate starts at
     the best exact candidate value and is the best exact value so far. A (seed, point) stops at the first round
     whose gain ``estimate_r / estimate_{r-1} - 1`` is below ``tol``; one that never does reports
@@ -161,7 +163,9 @@ def sup_search(
                 def vg(x, params=params, s_=s_, g_=g_, offs=offs):
                     return surrogate_values_and_grads(problem, sur, params, x, w, s_, g_, offs, lmax)
 
-                v, x = projected_ascent(vg, jnp.asarray(cand)[c_], radius=radius, steps=n_steps, step_size=step_size)
+                v, x = projected_ascent(
+                    vg, jnp.asarray(cand)[c_], radius=radius, steps=n_steps, step_size=step_size, rule=rule
+                )
                 vals[sel] = np.asarray(v)[:n]
                 xb[sel] = np.asarray(x)[:n]
         vals = vals.reshape(order.shape)
