@@ -145,7 +145,7 @@ class RatesConfig:
         "fixed: a constant step from wherever the path is (run folders older than this setting used fixed)",
         "choice:ascent_rule",
     )
-    search_rounds: int = _f(3, "most budget doublings of the search", "posint")
+    search_rounds: int = _f(4, "most budget doublings of the search", "posint")
     search_tol: float = _f(0.05, "the search has converged when the last doubling gained less than this", "pos")
     search_pool: bool = _f(
         False,
