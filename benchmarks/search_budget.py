@@ -39,12 +39,16 @@ def variants(cfg) -> list[tuple[str, dict]]:
     return [
         ("configured", base),
         (f"the same budget, {other} rule", dict(base, rule=other)),
-        ("the defaults before 2026-12-07 (fixed, 1 x 2 at 0.1 R, 2 rounds)",
-         dict(base, starts=1, steps=2, step_size=0.1, rounds=2, rule="fixed")),  # fmt: skip
+        (
+            "the defaults before 2026-12-07 (fixed, 1 x 2 at 0.1 R, 2 rounds)",
+            dict(base, starts=1, steps=2, step_size=0.1, rounds=2, rule="fixed"),
+        ),
         ("pooled over the seed's points", dict(base, pool=True)),
         ("one more doubling", dict(base, rounds=cfg.search_rounds + 1)),
-        (f"one round, {4 * cfg.ascent_starts} starts x {8 * cfg.ascent_steps} steps",
-         dict(base, starts=4 * cfg.ascent_starts, steps=8 * cfg.ascent_steps, rounds=1)),  # fmt: skip
+        (
+            f"one round, {4 * cfg.ascent_starts} starts x {8 * cfg.ascent_steps} steps",
+            dict(base, starts=4 * cfg.ascent_starts, steps=8 * cfg.ascent_steps, rounds=1),
+        ),
     ]
 
 

@@ -18,12 +18,12 @@ surrogate grew with H, to 43% at H = 64, where the true errors are smallest). So
   serves them all). Seeds are never pooled: each seed's rows depend only on its draws, so the seeds stay
   independent (the seed bootstrap's assumption) and adding seeds changes no earlier seed's rows.
 
-Measured on the default run (``benchmarks/search_budget.py``, one run): the default budget's estimates (rms over
-seeds) are 0.64-0.92 of the best value any of five budgets found, point by point, lowest at large L H; the
-largest budgets (1 x 4 doubled twice at twice the step, 207-273 s against 53 s) reach 0.87-1.00 but their last
-doubling still gains up to 25-58%. Pooling over a seed's points raised a point's rms by up to 13% (at (32, 4)) for
-2.2x the search's time; the maximisers of *all* rows (other seeds too) raise it by up to 37%: the peaks are largely
-shared. The reported uniform errors are lower bounds, and most so at large L H.
+Measured on the default run (``benchmarks/search_budget.py``, one run, 2026-12-07): against the best value any of six
+searches found (rms over seeds, point by point), the budget before 2026-12-07 (fixed step 0.1 R, 1 x 2, 2 rounds)
+reached 0.53-0.82, the monotone ascent from 1 x 8 at 0.25 R 0.72-0.94 over 3 rounds and 0.76-0.96 over 4 (the
+default; its last doubling gains at most 5.8%), one round of 4 x 64 0.77-0.99; every row at every row's maximiser
+(other seeds' too) 0.93-1.00: the peaks are largely shared between seeds, and longer climbs find them. The
+reported uniform errors are lower bounds.
 """
 
 from __future__ import annotations
