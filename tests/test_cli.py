@@ -152,9 +152,13 @@ def test_ctrl_c_in_a_real_process(tmp_path):
         """
     )
     env = {**os.environ, "PYTHONPATH": ROOT}
+    # SIGINT at its default in the child, as in a terminal: a shell without job control starts background commands
+    # with SIGINT ignored, which every process below inherits (pytest run as `pytest ... &` from a script), and a
+    # Python started so keeps ignoring it.
     p = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     assert p.stdout.readline().strip() == "ready"
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
