@@ -137,8 +137,13 @@ def test_ctrl_c_prints_one_line_and_exits_130(command, monkeypatch, tmp_path, ca
 
 def test_ctrl_c_in_a_real_process(tmp_path):
     """A real SIGINT while a subcommand works: one line on stderr, exit status 130, no traceback."""
+    # The child sets SIGINT to Python's default first, as in a terminal: a shell without job control starts
+    # background commands with SIGINT ignored, which every process below inherits (the suite run as `pytest ... &`
+    # from a script), and a Python started so keeps ignoring it.
     script = textwrap.dedent(
         """
+        import signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         import sys, time
         import mfattn.gradcheck
         from mfattn import cli
@@ -152,13 +157,9 @@ def test_ctrl_c_in_a_real_process(tmp_path):
         """
     )
     env = {**os.environ, "PYTHONPATH": ROOT}
-    # SIGINT at its default in the child, as in a terminal: a shell without job control starts background commands
-    # with SIGINT ignored, which every process below inherits (pytest run as `pytest ... &` from a script), and a
-    # Python started so keeps ignoring it.
     p = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     assert p.stdout.readline().strip() == "ready"
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
