@@ -20,7 +20,7 @@ surrogate grew with H, to 43% at H = 64, where the true errors are smallest). So
 
 Measured on the default run (``benchmarks/search_budget.py``, one run, 2026-12-07): against the best value any of six
 searches found (rms over seeds, point by point), the budget before 2026-12-07 (fixed step 0.1 R, 1 x 2, 2 rounds)
-reached 0.53-0.82, the monotone ascent from 1 x 8 at 0.25 R 0.72-0.94 over 3 rounds and 0.76-0.96 over 4 (the
+reached 0.53-0.82, the monotone ascent from 1 x 8 at 0.25 R 0.72-0.94 over 3 rounds and 0.72-0.96 over 4 (the
 default; its last doubling gains at most 5.8%), one round of 4 x 64 0.77-0.99; every row at every row's maximiser
 (other seeds' too) 0.93-1.00: the peaks are largely shared between seeds, and longer climbs find them. The
 reported uniform errors are lower bounds.
