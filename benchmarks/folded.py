@@ -75,7 +75,7 @@ def search_rows() -> list[dict]:
     old_problem = dataclasses.replace(problem, fold_heads=False)  # the per-head kernels, as before
 
     def paths(prob):
-        return lambda x: jax.lax.map(lambda x1: prob.folded_paths(sur, x1, w, problem.task.target(x1, w)), x)
+        return lambda x: core.surrogate_paths(prob, sur, x, w)
 
     def vg(prob):
         return lambda x: core.surrogate_values_and_grads(prob, sur, disc, x, w, rows, gidx, offsets, lmax)

@@ -21,10 +21,10 @@ Work ``O(H N^2 d^2)`` and memory ``O(H N^2)`` per layer against the per-head for
 products of ``N x k`` matrices: the same flops at ``d = k``, but XLA:CPU runs the per-head form under ``vmap`` as
 one tiny product per head, and this form as a handful of real products. Measured side by side
 (``benchmarks/folded.py``, 2-core CPU, float32): the rates experiment's cheap limit (32 layers x 128 heads, N = 4,
-d = k = 2) runs its forward and adjoint paths 6.3x faster and the supremum search's value and gradient in the
-input 5.7x faster; one layer of M = 1024 heads: 0.8-3.7x (the adjoint field 1.9-3.7x for N = 16 or d = k = 4).
+d = k = 2) runs its forward and adjoint paths 6.4x faster and the supremum search's value and gradient in the
+input 5.7x faster; one layer of M = 1024 heads: 0.9-2.8x (the adjoint field 2.0-2.8x for N = 16 or d = k = 4).
 It does not pay for the limit's large ensembles: at M = 32768 particles the ``(N^2, M)`` intermediates leave the
-caches and :mod:`mfattn.lanes` is faster (the velocity 0.2-0.8x, the adjoint field 0.7-1.9x), so
+caches and :mod:`mfattn.lanes` is faster (the velocity 0.2-0.7x, the adjoint field 0.3-1.7x), so
 :mod:`mfattn.attention`'s kernels stay the general path and only the search uses this module.
 
 Kinds: ``"softmax"``, ``"unnormalized"``, ``"sigmoid"``, causal or not, with or without the radius ``R``, the
@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from . import _checks
 from .attention import Attention, as_attention, exp_cap, project_ball, project_ball_vjp
 from .params import Params
 
@@ -82,6 +83,16 @@ def _spec(fn: str, attention) -> Attention:
             f"(mfattn.folded.supports), got {spec!r}; use the per-head kernels of mfattn.attention."
         )
     return spec
+
+
+def _args(fn: str, tokens, weights, beta, radius):
+    """``weights`` (uniform if None; else ``(N,)``, ``>= 0``, summing to 1), ``beta >= 0`` and ``radius > 0`` or
+    None, checked as :func:`mfattn.forward` checks them (values under ``jit`` by ``equinox.error_if``) and cast to
+    the tokens' dtype."""
+    weights = _checks.check_weights(fn, weights, tokens.shape[0], tokens.dtype)
+    beta = _checks.check_scalar(fn, "beta", beta, tokens.dtype)
+    radius = _checks.check_scalar(fn, "radius", radius, tokens.dtype, allow_none=True, positive=True)
+    return weights, beta, radius
 
 
 def _check_layer(fn: str, layer: Folded, tokens):
@@ -179,6 +190,7 @@ def velocity(
     folded heads (leaves ``(H, d, d)``): :func:`mfattn.velocity` with the tokens as queries."""
     spec = _spec("folded.velocity", attention)
     _check_layer("folded.velocity", layer, tokens)
+    weights, beta, radius = _args("folded.velocity", tokens, weights, beta, radius)
     return _velocity(spec, layer, tokens, weights, beta, radius)
 
 
@@ -199,6 +211,7 @@ def adjoint_field(
         raise ValueError(
             f"folded.adjoint_field: adjoints must have the tokens' shape {tokens.shape}, got {adjoints.shape}."
         )
+    weights, beta, radius = _args("folded.adjoint_field", tokens, weights, beta, radius)
     return _adjoint_field(spec, layer, tokens, adjoints, weights, beta, radius)
 
 
@@ -215,7 +228,7 @@ def forward(
     """:func:`mfattn.forward` of the folded model (leaves ``(L, H, d, d)``): the trajectory ``(L + 1, N, d)``."""
     spec = _spec("folded.forward", attention)
     depth = _layers("folded.forward", folded, tokens)
-    weights = jnp.full(tokens.shape[:1], 1.0 / tokens.shape[0], tokens.dtype) if weights is None else weights
+    weights, beta, radius = _args("folded.forward", tokens, weights, beta, radius)
     step = spec.step(depth)
 
     def layer(x, ab):
@@ -244,7 +257,7 @@ def adjoint(
             f"folded.adjoint: trajectory must be (L + 1, N, d) = {(depth + 1, *terminal.shape)}, "
             f"got {trajectory.shape}."
         )
-    weights = jnp.full(terminal.shape[:1], 1.0 / terminal.shape[0], terminal.dtype) if weights is None else weights
+    weights, beta, radius = _args("folded.adjoint", terminal, weights, beta, radius)
     step = spec.step(depth)
 
     def layer(p, inp):

@@ -98,7 +98,8 @@ def test_model_paths_equal_per_head_and_autodiff(name, beta):
 def test_the_search_gradient_equals_the_per_head_paths(getkey):
     """The supremum search's corrected surrogate error and its gradient in the input through folded paths
     (``Problem.fold_heads``, the default) equal those through the per-head paths to 1e-10 (float64), and the
-    gradient equals a central difference of the value."""
+    gradient equals a central difference of the value; an attention kind it does not fold takes the per-head
+    paths."""
     from test_rates import _search_problem  # the rates tests' instance (cheap limit, depth groups, candidates)
 
     from mfattn.rates import core
@@ -122,6 +123,11 @@ def test_the_search_gradient_equals_the_per_head_paths(getkey):
 
     fd = (value(xs[0] + eps * direction) - value(xs[0] - eps * direction)) / (2 * eps)
     assert abs(float(fd) - float(jnp.sum(g1[0] * direction))) <= 1e-6 * max(1.0, abs(float(fd)))
+    # A kind mfattn.folded does not compute (l2) takes the per-head paths: the very same numbers.
+    l2 = dataclasses.replace(problem, spec=Attention("l2"))
+    y = problem.task.target(xs[0], w)
+    for a, b in zip(l2.discrete_paths(sur, xs[0], w, y, fold=True), l2.discrete_paths(sur, xs[0], w, y)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_float32_within_stated_tolerance():
@@ -139,8 +145,8 @@ def test_float32_within_stated_tolerance():
 
 def test_supports_and_bad_input(no_jaxtyping):
     """Sinkhorn, l2, the sphere residual and mixed precision are not folded (``supports`` is False and the
-    kernels refuse them naming the function); mis-shaped heads or tokens are refused naming the argument; the
-    rates ``Problem`` falls back to the per-head paths for an unsupported kind."""
+    kernels refuse them naming the function); mis-shaped heads, tokens or weights, weights that do not sum to 1, a
+    negative beta and a zero radius are refused naming the function and the argument, also under jit."""
     assert folded.supports(Attention()) and folded.supports("sigmoid")
     for spec in (Attention("sinkhorn"), Attention("l2"), Attention(residual="sphere"),
                  Attention(matmul_dtype="bfloat16")):  # fmt: skip
@@ -157,3 +163,14 @@ def test_supports_and_bad_input(no_jaxtyping):
         folded.forward(layer, x, beta=1.0)
     with pytest.raises(ValueError, match="folded.adjoint: trajectory"):
         folded.adjoint(folded.fold(params), x[None], p, beta=1.0)
+    with pytest.raises(ValueError, match="folded.velocity: weights must have shape"):
+        folded.velocity(layer, x, m[:2], beta=1.0)
+    with pytest.raises(ValueError, match="folded.adjoint_field: weights must sum to 1"):
+        folded.adjoint_field(layer, x, p, 2 * m, beta=1.0)
+    with pytest.raises(ValueError, match="folded.forward: beta"):
+        folded.forward(folded.fold(params), x, beta=-1.0)
+    with pytest.raises(ValueError, match="folded.forward: radius"):
+        folded.forward(folded.fold(params), x, beta=1.0, radius=0.0)
+    # Under jit the values are checked too (equinox.error_if), naming the function and the argument.
+    with pytest.raises(Exception, match="folded.velocity: beta"):
+        jax.jit(lambda b: folded.velocity(layer, x, m, beta=b))(-1.0)

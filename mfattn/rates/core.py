@@ -88,22 +88,19 @@ class Problem(eqx.Module):
         )
         return xs, ps
 
-    def discrete_paths(self, params: Params, x, w, y):
-        """A discrete model's tokens and adjoints at its layers: two ``(L + 1, N, d)``."""
-        traj = forward(params, x, beta=self.beta, weights=w, attention=self.spec)
-        ps = adjoint(params, traj, self.loss.lions(traj[-1], w, y), beta=self.beta, weights=w, attention=self.spec)
-        return traj, ps
-
-    def folded_paths(self, params: Params, x, w, y):
-        """:meth:`discrete_paths` through :mod:`mfattn.folded` (heads contracted in matrix products; the same
-        numbers up to rounding) where it computes this attention and ``fold_heads``, else :meth:`discrete_paths`:
-        for the supremum search's many paths of few tokens (its cheap limit's hundreds of heads per layer)."""
-        if not (self.fold_heads and folded.supports(self.spec)):
-            return self.discrete_paths(params, x, w, y)
-        f = folded.fold(params)
-        traj = folded.forward(f, x, beta=self.beta, weights=w, attention=self.spec)
-        ps = folded.adjoint(f, traj, self.loss.lions(traj[-1], w, y), beta=self.beta, weights=w, attention=self.spec)
-        return traj, ps
+    def discrete_paths(self, params: Params, x, w, y, *, fold: bool = False):
+        """A discrete model's tokens and adjoints at its layers: two ``(L + 1, N, d)``. ``fold``: through
+        :mod:`mfattn.folded` (heads contracted in matrix products; the same numbers up to rounding) where it
+        computes this attention and ``fold_heads`` is set: the supremum search's many paths of few tokens (its
+        cheap limit's hundreds of heads per layer)."""
+        if fold and self.fold_heads and folded.supports(self.spec):
+            params = folded.fold(params)
+            fwd, adj = folded.forward, folded.adjoint
+        else:
+            fwd, adj = forward, adjoint
+        kw = dict(beta=self.beta, weights=w, attention=self.spec)
+        traj = fwd(params, x, **kw)
+        return traj, adj(params, traj, self.loss.lions(traj[-1], w, y), **kw)
 
 
 class LimitState(NamedTuple):
@@ -311,7 +308,7 @@ def surrogate_paths(problem: Problem, sur: Params, xs, w):
     """The cheap limit's paths ``(x, p)`` at the inputs ``xs``: each ``(C, lmax + 1, N, d)``."""
 
     def one(x):
-        return problem.folded_paths(sur, x, w, problem.task.target(x, w))
+        return problem.discrete_paths(sur, x, w, problem.task.target(x, w), fold=True)
 
     return jax.lax.map(one, xs)
 
@@ -327,8 +324,8 @@ def surrogate_values_and_grads(problem: Problem, sur: Params, group: Params, xs,
 
     def err(x, s, g, dx, dp):
         y = problem.task.target(x, w)
-        xl, pl = problem.folded_paths(sur, x, w, y)
-        xd, pd = problem.folded_paths(jax.tree.map(lambda a: a[s, g], group), x, w, y)
+        xl, pl = problem.discrete_paths(sur, x, w, y, fold=True)
+        xd, pd = problem.discrete_paths(jax.tree.map(lambda a: a[s, g], group), x, w, y, fold=True)
         sq = _d2(xd, (xl + dx)[::stride]) + _d2(pd, (pl + dp)[::stride])
         return jnp.sqrt(jnp.max(_masked(sq, w), axis=(-2, -1)))
 
