@@ -302,6 +302,18 @@ def test_search_never_lowers_the_estimate_and_reports_its_gain(getkey):
     assert pg.shape == (3,) and np.all(pg >= 0) and np.all(pg <= np.nanmax(res.gain, axis=0) + 1e-12)
     # A point's gain is that of the rms over seeds: seeds at 1 (no gain) and 2 (from 1) give sqrt(5 / 2) - 1.
     assert np.isclose(rates.search.point_gain([1.0, 2.0], [0.0, 1.0]), np.sqrt(2.5) - 1)
+    # A subset of the trained draws (the pilots, or the reported seeds) searched through seed_rows: seed 1 alone,
+    # with the programs of both, searches as beside seed 0 (its exact rows are asked for by its row, 1).
+    seen = []
+    one = rates.search.sup_search(problem, sur, disc, cand, paths, exact[1:], w, 4,
+                                  lambda s, p, x: seen.append(set(s)) or full(s, p, x),
+                                  steps=2, rounds=2, seed_rows=[1], **kw)  # fmt: skip
+    np.testing.assert_allclose(one.value, res.value[1:], rtol=1e-10)
+    np.testing.assert_array_equal(one.rounds, res.rounds[1:])
+    assert seen and all(s == {1} for s in seen)
+    with pytest.raises(ValueError, match="seed_rows"):
+        rates.search.sup_search(problem, sur, disc, cand, paths, exact, w, 4, full, steps=2, rounds=1,
+                                seed_rows=[1], **kw)  # fmt: skip
     grp, g = rates.search.point_layout(disc)
     assert list(grp) == [0, 0, 1] and list(g) == [0, 1, 0]
     rows, idx = jnp.asarray([0, 1]), jnp.asarray([1, 0])
@@ -484,6 +496,44 @@ def test_compiling_ahead_changes_no_number_and_compiles_each_program_once(tmp_pa
     assert runs[True][1] == runs[False][1] and runs[True][2]["sup_search"]["pooled"] is True
     ahead = [t for k, t in runs[True][2]["timings_s"].items() if k not in ("fits", "control")]
     assert len(ahead) == 3 and all(t["compiled ahead on a second thread (not in the wall time)"] > 0 for t in ahead)
+
+
+def test_pilots_join_the_candidates_and_leave_each_seeds_rows_its_own():
+    """``search_pilots``: pilot draws (their own stream) trained beside the seeds, searched first, their maximisers
+    added to every seed's candidates. A seed's rows are the same whichever other seeds run beside it (seed 1 alone,
+    or after seed 0: the pilots' search and maximisers do not depend on the seed batch); the pilots change no
+    trained model (the pointwise errors are those of a run without pilots) and only add candidates (the best
+    candidate value never falls)."""
+    cfg = dataclasses.replace(
+        rates.load_config(quick=True), control=False, depths=[2], heads=[1, 2], search_pilots=2, ascent_steps=2,
+        search_rounds=2,
+    )  # fmt: skip
+    group = driver.groups(cfg)[0]
+
+    def rows(c, seeds):
+        out, diag = [], None
+        diag = driver.run_group(c, group, seeds, out.append, lambda r: None)
+        return {(r["seed"], r["depth"], r["heads"]): r for r in out}, diag
+
+    both, diag = rows(cfg, [0, 1])
+    alone, _ = rows(cfg, [1])
+    plain, diag0 = rows(dataclasses.replace(cfg, search_pilots=0), [0, 1])
+    assert diag["pilots"] == 2 and 1 <= diag["pilot_candidates"] <= 2 * len(group.points)
+    assert "pilots" not in diag0 and "pilot search" in diag["timings_s"]
+    for key, r in alone.items():
+        for col in ("pointwise_err", "uniform_err", "uniform_test_set", "uniform_search", "worst_family"):
+            assert r[col] == both[key][col], (key, col)
+    for key, r in both.items():
+        assert r["pointwise_err"] == plain[key]["pointwise_err"] and r["param_gap"] == plain[key]["param_gap"]
+        assert r["uniform_test_set"] >= plain[key]["uniform_test_set"]
+        assert r["uniform_err"] >= r["uniform_test_set"]
+        assert (r["uniform_source"] == driver.PILOT) <= (r["worst_family"] == driver.PILOT)
+    assert any(r["worst_family"] == driver.PILOT for r in both.values())
+    # The pilots are not seeds: their draws come from their own stream.
+    d_seed = driver._draws(cfg, [0], 0, group.points, cfg.dim)
+    d_pil = driver._draws(cfg, [0], 1, group.points, cfg.dim)
+    assert d_pil[0].wq.shape[0] == 2 and np.array_equal(d_pil[0].wq[0], d_seed[0].wq[0])
+    assert not np.allclose(d_pil[0].wq[1], d_seed[0].wq[0])
 
 
 def test_the_n_and_d_sweeps_run_end_to_end_with_slopes_and_paired_ratios(tmp_path):

@@ -64,14 +64,16 @@ def work_units(cfg: RatesConfig) -> dict:
         ]
         scale = (g.num_tokens / cfg.num_tokens) ** 2 * (g.dim / cfg.dim)
         rows = cfg.seeds * P  # exact rows of the search: at most one per (seed, point) and round
+        pil = cfg.search_pilots / cfg.seeds  # the pilots' search, as the seeds' per draw; + a candidate per maximiser
+        inputs = cfg.test_inputs + 5 * cfg.candidates + cfg.search_pilots * P
         out["groups"].append(
             {
                 "train": 3 * cfg.batch_size * scale,
                 "eval": scale,
                 "search": [s * scale for s in search],
-                "total": scale
-                * (3 * cfg.batch_size * cfg.steps + cfg.test_inputs + 5 * cfg.candidates + rows * cfg.search_rounds)
-                + sum(search) * scale,
+                "pilots": [s * pil * scale for s in search],
+                "total": scale * (3 * cfg.batch_size * cfg.steps + inputs + rows * (1 + pil) * cfg.search_rounds)
+                + sum(search) * (1 + pil) * scale,
             }
         )
     return out
@@ -157,15 +159,15 @@ def run(
             if not missing:
                 tick("group", gu["total"])
                 continue
-            rounds = iter(gu["search"])
+            rounds = {"search": iter(gu["search"]), "pilots": iter(gu["pilots"])}
 
             def group_tick(phase, n, gu=gu, rounds=rounds, group=group):
                 if phase == "train":
                     tick(f"{group.sweep} train", gu["train"] * n)
                 elif phase == "eval":
                     tick(f"{group.sweep} evaluate", gu["eval"] * n)
-                else:
-                    tick(f"{group.sweep} search", next(rounds, 0.0))
+                else:  # a search round: the pilots' or the seeds'
+                    tick(f"{group.sweep} {phase}", next(rounds[phase], 0.0))
 
             d = driver.run_group(
                 cfg, group, missing, write, tabs["training"].write, group_tick, prepared=prepared.pop(gi, None)
@@ -387,6 +389,13 @@ def summarize(cfg: RatesConfig, rows: dict, diagnostics: dict) -> dict:
         "tol": cfg.search_tol,
         "rows_from_search": sum(r["uniform_source"] in ("search", "pool") for r in res),
         "rows_from_pool": sum(r["uniform_source"] == "pool" for r in res),
+        "pilots": cfg.search_pilots,
+        "rows_from_pilots": sum(r["uniform_source"] == "pilot" for r in res),
+        "rows_starting_at_pilots": fam.get("pilot", 0),
+        "pilot_final_gain": max(
+            (g for k, v in diagnostics.items() if isinstance(v, dict) for g in v.get("pilot_point_gains", [])),
+            default=None,
+        ),
         "rows": len(res),
         "worst_family_counts": fam,
         "worst_mean_token_norm": float(np.mean([float(r["worst_norm"]) for r in res])) if res else None,

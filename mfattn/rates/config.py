@@ -26,7 +26,7 @@ OPTIMIZERS = ("adamw", "blockwise_adamw")
 #: count).
 EXECUTION_ONLY = ("shard_seeds", "shard_particles", "seeds", "control_seeds")
 #: What a run folder whose config.json predates a setting ran with, where that differs from today's default.
-LEGACY_DEFAULTS = {"ascent_rule": "fixed"}
+LEGACY_DEFAULTS = {"ascent_rule": "fixed", "search_pilots": 0}
 
 
 def _f(default, doc: str, kind: str | None = None):
@@ -39,8 +39,8 @@ def _f(default, doc: str, kind: str | None = None):
 class RatesConfig:
     """Every setting of the rates experiment (docs/spec.md section 7; the paper's Lemma 6 and Theorem 7).
 
-    The default finishes in about 7.5 minutes on a 2-core CPU (449 s measured; the target is 5); ``studies/rates.toml``
-    is the study.
+    The default finishes in about 3.5 minutes on the project's 2-core CPU (205 s measured on 2026-12-07; the target
+    is 5); ``studies/rates.toml`` is the study.
     """
 
     # ---- model and data
@@ -147,6 +147,14 @@ class RatesConfig:
     )
     search_rounds: int = _f(4, "most budget doublings of the search", "posint")
     search_tol: float = _f(0.05, "the search has converged when the last doubling gained less than this", "pos")
+    search_pilots: int = _f(
+        4,
+        "pilot draws: discrete models drawn from their own seed stream (never reported), trained with the seeds and "
+        "searched first; their maximisers (one per pilot and point) join every seed's candidates, so each seed's "
+        "search starts at the peaks other draws found while its rows still depend only on its own draws and the "
+        "pilots' (0: none)",
+        "nonnegint",
+    )
     search_pool: bool = _f(
         False,
         "pool each round's maximisers over their seed's points: each is evaluated at every (L, H) of its seed "
@@ -295,6 +303,7 @@ QUICK = {
     "search_particles": 32,
     "ascent_steps": 1,
     "search_rounds": 1,
+    "search_pilots": 1,
 }
 
 

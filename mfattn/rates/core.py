@@ -356,13 +356,13 @@ def compile_evaluation(problem: Problem, reps: Params, discrete: tuple, xs, w, l
 def compile_search(problem: Problem, reps: Params, discrete: tuple, candidates, w, lmax: int, *, particles: int,
                    ascent_chunk: int, row_chunk: int) -> None:  # fmt: skip
     """Compile, without running, the supremum search's programs (:mod:`.search`) for the candidates' shape
-    ``(C, N, d)``: the cheap limit's paths, and per depth group the ascent's values and gradients on chunks of
-    ``ascent_chunk`` paths and the exact rows (:func:`evaluate_rows`) on chunks of ``row_chunk`` inputs. As
-    :func:`compile_evaluation`."""
+    ``(C, N, d)``: the cheap limit's paths on chunks of ``ascent_chunk`` candidates, and per depth group the
+    ascent's values and gradients on chunks of ``ascent_chunk`` paths and the exact rows (:func:`evaluate_rows`) on
+    chunks of ``row_chunk`` inputs. As :func:`compile_evaluation`."""
     sur = surrogate(reps, particles, lmax, problem.grid)
-    surrogate_paths.lower(problem, sur, candidates, w).compile()
     euler = _zeros(jax.eval_shape(lambda: euler_heads(reps, discrete, problem.grid)))
     xs_a = jnp.asarray(np.zeros((ascent_chunk, *candidates.shape[1:]), candidates.dtype))
+    surrogate_paths.lower(problem, sur, xs_a, w).compile()  # the candidates in chunks of ascent_chunk
     xs_r = jnp.asarray(np.zeros((row_chunk, *candidates.shape[1:]), candidates.dtype))
     path = jax.ShapeDtypeStruct((ascent_chunk, lmax + 1, *candidates.shape[1:]), candidates.dtype)
     offsets = _zeros((path, path))  # a row's correction: full minus cheap paths (x, p) at its start

@@ -11,7 +11,9 @@ Phases, in order (each row is handed over as soon as it is computed):
    sub-ensembles), every seed's discrete models and coupled heads, trained ``steps`` steps together.
 3. Evaluation at the last step: pointwise errors on ``test_inputs`` training-like inputs; the supremum over
    ``5 candidates`` inputs of five families, then the doubling search on the cheap limit; the maximisers are
-   re-evaluated against the full limit.
+   re-evaluated against the full limit. With ``search_pilots``, the pilot draws (discrete models from their own
+   seed stream, trained with the seeds, never reported) are searched first and their maximisers join the
+   candidates of every seed's search.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from ..params import init_params
 from ..tasks import TargetMeasure, TeacherStudent
 from . import core
 from .config import RatesConfig
-from .search import point_layout, sup_search
+from .search import point_gain, point_layout, sup_search
 
-__all__ = ["Group", "Prepared", "groups", "FAMILIES", "prepare", "run_control", "run_group", "mesh", "place"]
+__all__ = ["Group", "Prepared", "groups", "FAMILIES", "PILOT", "prepare", "run_control", "run_group", "mesh", "place"]
 
 FAMILIES = ("train", "uniform", "clustered", "degenerate", "sphere")
+#: The label of a candidate that is a pilot draw's maximiser (``search_pilots``), after the five families.
+PILOT = "pilot"
 EVAL_CHUNK = 4  # inputs per call of the evaluation (candidates, and the search's exact rows): one compiled shape
 ASCENT_CHUNK = 32  # ascent paths per call of the search (see .search)
 
@@ -159,6 +163,16 @@ def _discrete(cfg: RatesConfig, seeds: list[int], points, d: int, tag: str) -> t
         flat = [draw(s, H) for s in seeds for H in hs]
         out.append(jax.tree.map(lambda *a, shape=shape: jnp.asarray(np.stack(a).reshape(*shape, *a[0].shape)), *flat))
     return tuple(out)
+
+
+def _draws(cfg: RatesConfig, seeds: list[int], pilots: int, points, d: int) -> tuple:
+    """:func:`_discrete` for the seeds (tag ``"discrete"``) followed by ``pilots`` pilot draws (tag ``"pilot"``:
+    their own stream, so that no seed's draw is a pilot's), along the leading axis."""
+    disc = _discrete(cfg, seeds, points, d, "discrete")
+    if not pilots:
+        return disc
+    pil = _discrete(cfg, list(range(pilots)), points, d, "pilot")
+    return tuple(jax.tree.map(lambda a, b: jnp.concatenate([a, b]), x, y) for x, y in zip(disc, pil))
 
 
 def _train_like(cfg, task, key, count):
@@ -324,6 +338,7 @@ class Prepared:
 
     group: Group
     seeds: list
+    pilots: int
     task: object
     problem: core.Problem
     opt: object
@@ -348,10 +363,10 @@ def prepare(cfg: RatesConfig, group: Group, seeds: list[int], pool=None) -> Prep
     # The d sweep's two optimizers share every draw (paired); the limit and the data do not depend on the seeds.
     reps = _replicas(cfg, _key(cfg, "limit", n, d), cfg.grid_size, cfg.particles, d)
     lim = core.LimitState(reps, jax.vmap(opt.init)(reps), reps)
-    disc = _discrete(cfg, seeds, group.points, d, "discrete")
+    disc = _draws(cfg, seeds, cfg.search_pilots, group.points, d)  # the seeds' rows, then the pilots'
     init_opt = lambda ps: tuple(jax.vmap(jax.vmap(opt.init))(p) for p in ps)  # noqa: E731
     st = core.SeedState(disc, init_opt(disc), disc, init_opt(disc))
-    lim, st = place(lim, st, mesh(dataclasses.replace(cfg, seeds=len(seeds))))
+    lim, st = place(lim, st, mesh(dataclasses.replace(cfg, seeds=len(seeds) + cfg.search_pilots)))
     test, cand, labels = _inputs(cfg, task, n, d)
     # The test inputs are candidates of the supremum too (labelled "train"): uniform >= pointwise by construction.
     cand, labels = np.concatenate([test, cand]), np.concatenate([np.zeros(len(test), int), labels])
@@ -374,7 +389,7 @@ def prepare(cfg: RatesConfig, group: Group, seeds: list[int], pool=None) -> Prep
                 ascent_chunk=ASCENT_CHUNK, row_chunk=EVAL_CHUNK,
             ),
         )  # fmt: skip
-    return Prepared(group, list(seeds), task, problem, opt, lim, st, test, cand, labels, ahead)
+    return Prepared(group, list(seeds), cfg.search_pilots, task, problem, opt, lim, st, test, cand, labels, ahead)
 
 
 def _timed(fn) -> float:
@@ -401,8 +416,8 @@ def run_group(
     per (point, seed), ``emit_training(row)`` per step. Returns the group's training diagnostics."""
     if prepared is None:
         prepared = prepare(cfg, group, seeds)
-    if prepared.group != group or prepared.seeds != list(seeds):
-        raise ValueError("driver.run_group: prepared is for another group or other seeds.")
+    if prepared.group != group or prepared.seeds != list(seeds) or prepared.pilots != cfg.search_pilots:
+        raise ValueError("driver.run_group: prepared is for another group, other seeds or other pilots.")
     n, d = group.num_tokens, group.dim
     dtype = _dtype(cfg)
     task, problem, opt, lim, st = prepared.task, prepared.problem, prepared.opt, prepared.lim, prepared.st
@@ -472,30 +487,42 @@ def run_group(
         )
 
     wait("search")
-    res = sup_search(
-        problem,
-        sur,
-        st.discrete,
-        jnp.asarray(cand),
-        cand_paths,
-        e_cand.err,
-        w,
-        lmax,
-        exact,
-        radius=cfg.radius,
-        starts=cfg.ascent_starts,
-        steps=cfg.ascent_steps,
-        step_size=cfg.ascent_step_size,
-        rounds=cfg.search_rounds,
-        tol=cfg.search_tol,
-        chunk=ASCENT_CHUNK,
-        progress=prog("search"),
-        exact_seed=exact_seed,
-        pool=cfg.search_pool,
-        rule=cfg.ascent_rule,
-    )
+    num_seeds = len(seeds)
+    search = lambda errs, **kw: sup_search(  # noqa: E731
+        problem, sur, st.discrete, jnp.asarray(cand), cand_paths, errs, w, lmax, exact,
+        radius=cfg.radius, starts=cfg.ascent_starts, steps=cfg.ascent_steps, step_size=cfg.ascent_step_size,
+        rounds=cfg.search_rounds, tol=cfg.search_tol, chunk=ASCENT_CHUNK, exact_seed=exact_seed,
+        pool=cfg.search_pool, rule=cfg.ascent_rule, **kw,
+    )  # fmt: skip
+    pilot_info = {}
+    if prepared.pilots:
+        # The pilots (rows num_seeds, ... of the trained draws) are searched first; their maximisers, new inputs
+        # only, join the candidates of every seed (each evaluated against the full limit once, for every row).
+        pil = search(e_cand.err[num_seeds:], seed_rows=num_seeds + np.arange(prepared.pilots), progress=prog("pilots"))
+        lap("pilot search")
+        px = pil.argmax.reshape(-1, *cand.shape[1:])
+        px = np.unique(px, axis=0)
+        px = px[~(px[:, None] == cand[None]).all(axis=(-2, -1)).any(axis=1)]
+        if len(px):
+            e_pil, pil_paths = _evaluate(
+                problem, lim.ens, st.discrete, px, w, lmax, chunk=EVAL_CHUNK, progress=prog("eval")
+            )
+            e_cand = jax.tree.map(lambda a, b: np.concatenate([a, b], axis=-1), e_cand, e_pil)
+            cand_paths = jax.tree.map(lambda a, b: np.concatenate([a, b]), cand_paths, pil_paths)
+            cand = np.concatenate([cand, px])
+            labels = np.concatenate([labels, np.full(len(px), len(FAMILIES))])
+        pilot_info = {
+            "pilots": prepared.pilots,
+            "pilot_candidates": len(px),
+            "pilot_point_gains": point_gain(pil.value, pil.gain).tolist(),
+        }
+        lap("pilot candidates against the full limit")
+    # From here on, the reported seeds only (their rows lead the trained draws; the pilots' ``(S, P, C)`` rows go).
+    e_cand = type(e_cand)(*(np.asarray(a)[:num_seeds] if np.ndim(a) == 3 else a for a in e_cand))
+    e_test = type(e_test)(*(np.asarray(a)[:num_seeds] if np.ndim(a) == 3 else a for a in e_test))
+    res = search(e_cand.err, progress=prog("search"))
     lap("search (cheap-limit ascent, maximisers against the full limit)")
-    num_seeds, num_points = res.value.shape
+    num_points = res.value.shape[1]
     e_max = res.search_rows
     exact_max, mc_max = res.search_value, e_max.mc
     pts = np.arange(num_points)[None, :]
@@ -515,7 +542,9 @@ def run_group(
             use_search = bool(exact_max[si, p] > ts_val[si, p])  # nan (no round ran): the test set
             uni = float(res.value[si, p])
             x_w = res.argmax[si, p] if use_search else cand[ts_idx[si, p]]
-            fam = FAMILIES[labels[res.start[si, p] if use_search else ts_idx[si, p]]]
+            fam = (*FAMILIES, PILOT)[labels[res.start[si, p] if use_search else ts_idx[si, p]]]
+            source = ("pool" if res.pooled[si, p] else "search") if use_search else "test_set"
+            source = PILOT if source == "test_set" and fam == PILOT else source
             dists = np.linalg.norm(x_w[:, None] - x_w[None], axis=-1)
             emit(
                 {
@@ -539,7 +568,7 @@ def run_group(
                     "uniform_err": float(uni),
                     "uniform_test_set": float(ts_val[si, p]),
                     "uniform_search": float(exact_max[si, p]),
-                    "uniform_source": ("pool" if res.pooled[si, p] else "search") if use_search else "test_set",
+                    "uniform_source": source,
                     "uniform_mc": float(mc_max[si, p] if use_search else ts_mc[si, p]),
                     "uniform_fluct": float(fluct_sup[si, p]),
                     "surrogate_value": float(res.surrogate_value[si, p]),
@@ -554,4 +583,10 @@ def run_group(
             )
     if ahead_s:
         timings["compiled ahead on a second thread (not in the wall time)"] = sum(ahead_s.values())
-    return {"sign_fraction_limit": fr_lim, "sign_fraction_discrete": fr_disc, **spread, "timings_s": timings}
+    return {
+        "sign_fraction_limit": fr_lim,
+        "sign_fraction_discrete": fr_disc,
+        **spread,
+        **pilot_info,
+        "timings_s": timings,
+    }

@@ -104,6 +104,7 @@ def sup_search(
     exact_seed=None,
     pool: bool = False,
     rule: str = "fixed",
+    seed_rows=None,
 ) -> SearchResult:
     """Round ``r = 0, 1, ...`` climbs from the ``starts 2^r`` worst candidates of each (seed, point) (ranked by the
     exact errors ``exact_errs``, ``(S, P, C)``) for ``steps 2^r`` steps on the corrected surrogate (the cheap limit
@@ -120,13 +121,26 @@ def sup_search(
     every point of seed ``seed_idx[q]`` at ``xs[q]``), the round's maximisers are pooled over their seed's points: every
     row of a seed that climbed takes the best exact value over all of that seed's maximisers so far, its gain is
     measured on that, and a row that had stopped climbs again when the pool raised it by ``tol`` or more. Each
-    seed's rows then depend only on that seed's draws."""
+    seed's rows then depend only on that seed's draws.
+
+    ``seed_rows`` ``(S,)``: the row of ``discrete`` (and the seed index handed to ``exact``/``exact_seed``) of each
+    seed of ``exact_errs`` (default: ``arange(S)``), so that a subset of the trained draws (the pilots, or the
+    reported seeds) is searched with the programs compiled for all of them."""
     if pool and exact_seed is None:
         raise ValueError("rates.search.sup_search: pool needs exact_seed (every point of a seed at an input).")
     exact_errs = np.asarray(exact_errs)
     num_seeds, num_points, num_cand = exact_errs.shape
+    rows_of = np.arange(num_seeds) if seed_rows is None else np.asarray(seed_rows)
+    if rows_of.shape != (num_seeds,):
+        raise ValueError(f"rates.search.sup_search: seed_rows must have shape ({num_seeds},), got {rows_of.shape}.")
     cand = np.asarray(candidates)
-    sx, sp = surrogate_paths(problem, sur, jnp.asarray(cand), w)
+    # The cheap limit's paths at every candidate, in chunks of ``chunk`` (one compiled shape whatever the count).
+    parts = []
+    for lo in range(0, num_cand, chunk):
+        n = min(chunk, num_cand - lo)
+        a, b = surrogate_paths(problem, sur, jnp.asarray(_pad(cand[lo : lo + n], chunk)), w)
+        parts.append((np.asarray(a)[:n], np.asarray(b)[:n]))
+    sx, sp = (np.concatenate(a) for a in zip(*parts))
     off_x = np.asarray(candidate_paths[0]) - np.asarray(sx)  # (C, lmax + 1, N, d): the correction at each start
     off_p = np.asarray(candidate_paths[1]) - np.asarray(sp)
     p_group, p_g = point_layout(discrete)
@@ -157,7 +171,9 @@ def sup_search(
             for lo in range(0, mine.shape[0], chunk):
                 sel = mine[lo : lo + chunk]
                 n = sel.shape[0]
-                s_, g_, c_ = (jnp.asarray(_pad(a, chunk)) for a in (seed_f[sel], p_g[point_f[sel]], start_f[sel]))
+                s_, g_, c_ = (
+                    jnp.asarray(_pad(a, chunk)) for a in (rows_of[seed_f[sel]], p_g[point_f[sel]], start_f[sel])
+                )
                 offs = (jnp.asarray(off_x)[c_], jnp.asarray(off_p)[c_])
 
                 def vg(x, params=params, s_=s_, g_=g_, offs=offs):
@@ -174,12 +190,12 @@ def sup_search(
         q = np.arange(len(j))
         x_r, v_r, start_r = xb[q, j], vals[q, j], order[q, j]
         if not pool:
-            rows = exact(live_s, live_p, x_r)  # the surrogate proposes, the full limit decides
+            rows = exact(rows_of[live_s], live_p, x_r)  # the surrogate proposes, the full limit decides
             # Each maximiser is offered to its own row only.
             to_s, to_p, src = live_s, live_p, np.arange(len(live_s))
             parts = [np.asarray(a) for a in rows]
         else:
-            rows = exact_seed(live_s, x_r)  # (Q, P): each maximiser at every point of its seed
+            rows = exact_seed(rows_of[live_s], x_r)  # (Q, P): each maximiser at every point of its seed
             # Each maximiser is offered to every row of its seed, its own row first (it wins ties).
             own = np.zeros((len(live_s), num_points), bool)
             own[np.arange(len(live_s)), live_p] = True
