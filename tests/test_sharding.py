@@ -49,7 +49,7 @@ def test_rates_mesh_shape(no_jaxtyping):
     from mfattn.rates.driver import mesh
 
     devices = [object()] * 8  # the mesh only arranges them
-    shape = lambda **kw: dict(mesh(RatesConfig(**kw), devices).shape)  # noqa: E731
+    shape = lambda **kw: dict(mesh(RatesConfig(**{"search_pilots": 0, **kw}), devices).shape)  # noqa: E731
     assert shape(seeds=2, particles=4096) == {"seeds": 2, "particles": 4}  # 1024 per replica
     assert shape(seeds=8, particles=4096) == {"seeds": 8, "particles": 1}
     assert shape(seeds=3, particles=4096) == {"seeds": 1, "particles": 8}
@@ -57,7 +57,9 @@ def test_rates_mesh_shape(no_jaxtyping):
     assert shape(seeds=2, particles=4096, shard_particles=False) == {"seeds": 2, "particles": 1}
     assert shape(seeds=4, particles=4096, shard_seeds=False) == {"seeds": 1, "particles": 8}
     assert mesh(RatesConfig(seeds=2, particles=4096), devices[:1]) is None
-    assert mesh(RatesConfig(seeds=3, particles=20), devices[:4]) is None
+    assert mesh(RatesConfig(seeds=3, particles=20, search_pilots=0), devices[:4]) is None
+    # The pilots are trained draws too: 6 seeds and 2 pilots fill the seed axis of 8 devices.
+    assert shape(seeds=6, search_pilots=2, particles=4096) == {"seeds": 8, "particles": 1}
 
 
 def test_force_host_devices():

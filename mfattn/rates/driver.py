@@ -298,14 +298,15 @@ def run_control(cfg: RatesConfig, seeds: list[int], emit: Callable, progress=Non
 
 
 def mesh(cfg: RatesConfig, devices=None):
-    """The ``("seeds", "particles")`` device mesh of a run, or ``None`` on one device. The seeds take
-    ``gcd(seeds, n)`` of the ``n`` devices (``shard_seeds``), each replica's particles ``gcd(particles / replicas,
-    n / that)`` of the rest (``shard_particles``). Execution only: the numbers agree with one device's up to the
-    order of the particle sums."""
+    """The ``("seeds", "particles")`` device mesh of a run, or ``None`` on one device. The trained draws (the seeds
+    and the ``search_pilots`` pilots after them) take ``gcd(seeds + search_pilots, n)`` of the ``n`` devices
+    (``shard_seeds``), each replica's particles ``gcd(particles / replicas, n / that)`` of the rest
+    (``shard_particles``). Execution only: the numbers agree with one device's up to the order of the particle
+    sums."""
     from jax.sharding import Mesh
 
     devices = jax.devices() if devices is None else list(devices)
-    s = math.gcd(cfg.seeds, len(devices)) if cfg.shard_seeds else 1
+    s = math.gcd(cfg.seeds + cfg.search_pilots, len(devices)) if cfg.shard_seeds else 1
     r = math.gcd(cfg.particles // cfg.replicas, len(devices) // s) if cfg.shard_particles else 1
     if s * r == 1:
         return None
@@ -366,7 +367,7 @@ def prepare(cfg: RatesConfig, group: Group, seeds: list[int], pool=None) -> Prep
     disc = _draws(cfg, seeds, cfg.search_pilots, group.points, d)  # the seeds' rows, then the pilots'
     init_opt = lambda ps: tuple(jax.vmap(jax.vmap(opt.init))(p) for p in ps)  # noqa: E731
     st = core.SeedState(disc, init_opt(disc), disc, init_opt(disc))
-    lim, st = place(lim, st, mesh(dataclasses.replace(cfg, seeds=len(seeds) + cfg.search_pilots)))
+    lim, st = place(lim, st, mesh(dataclasses.replace(cfg, seeds=len(seeds))))  # the pilots' rows counted there
     test, cand, labels = _inputs(cfg, task, n, d)
     # The test inputs are candidates of the supremum too (labelled "train"): uniform >= pointwise by construction.
     cand, labels = np.concatenate([test, cand]), np.concatenate([np.zeros(len(test), int), labels])
