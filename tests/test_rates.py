@@ -397,7 +397,8 @@ def test_quick_run_writes_every_summary_key(rates_quick_run):
     assert set(s["positive_control"]) >= {"passed", "gamma", "gamma_ci", "alpha", "alpha_ci", "preferred",
                                           "reference_particles", "total", "euler"}  # fmt: skip
     assert set(s["monte_carlo"]) >= {"particles", "replicas", "estimate", "max_ratio"}
-    assert set(s["sup_search"]) >= {"final_gain", "converged"}
+    assert set(s["sup_search"]) >= {"final_gain", "converged", "pilots", "rows_from_pilots", "pilot_final_gain"}
+    assert s["sup_search"]["pilots"] == cfg.search_pilots == 1
     assert set(s["training"]) >= {"steps", "sign_fraction", "depth_spread"}
     for kind in ("pointwise", "uniform", "pointwise_fluctuation", "uniform_fluctuation"):
         assert set(s["fits"][kind]) >= {"method", "seeds"}
