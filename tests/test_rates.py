@@ -33,6 +33,8 @@ from mfattn.rates.config import RatesConfig, load_config, print_config
         ("search_pool = 1", "search_pool"),
         ('ascent_rule = "adam"', "ascent_rule"),
         ("ascent_rule = 1", "ascent_rule"),
+        ("search_pilots = -1", "search_pilots"),
+        ("search_pilots = 2.0", "search_pilots"),
         ("seeds = 0", "seeds"),
         ("seeds = true", "seeds"),
         ("replicas = 2", "replicas"),
@@ -438,6 +440,11 @@ def test_a_folder_from_before_the_ascent_rule_reads_as_the_fixed_rule(rates_quic
     assert cfg.ascent_rule == "monotone"
     assert rates.io.folder(cfg, out).differences(stored) == ["ascent_rule"]
     assert rates.io.folder(dataclasses.replace(cfg, ascent_rule="fixed"), out).differences(stored) == []
+    # Likewise one that predates ``search_pilots`` ran without pilots.
+    stored = {k: v for k, v in rates.io.identity(cfg).items() if k != "search_pilots"}
+    assert cfg.search_pilots == 1
+    assert rates.io.folder(cfg, out).differences(stored) == ["search_pilots"]
+    assert rates.io.folder(dataclasses.replace(cfg, search_pilots=0), out).differences(stored) == []
 
 
 def test_a_changed_statistical_setting_is_refused_and_more_seeds_extend(rates_quick_run, tmp_path, monkeypatch):
