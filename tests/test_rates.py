@@ -508,10 +508,11 @@ def test_compiling_ahead_changes_no_number_and_compiles_each_program_once(tmp_pa
 
 def test_pilots_join_the_candidates_and_leave_each_seeds_rows_its_own():
     """``search_pilots``: pilot draws (their own stream) trained beside the seeds, searched first, their maximisers
-    added to every seed's candidates. A seed's rows are the same whichever other seeds run beside it (seed 1 alone,
-    or after seed 0: the pilots' search and maximisers do not depend on the seed batch); the pilots change no
-    trained model (the pointwise errors are those of a run without pilots) and only add candidates (the best
-    candidate value never falls)."""
+    added to every seed's candidates. A seed's rows are the same whichever other seeds run beside it (seed 1 after
+    seed 0, or first and before seed 2: the pilots' search and maximisers do not depend on the seed batch); the
+    pilots change no trained model (the pointwise errors are those of a run without pilots) and only add candidates
+    (the best candidate value never falls). Four trained draws in every run (seeds and pilots): one set of compiled
+    programs serves all three."""
     cfg = dataclasses.replace(
         rates.load_config(quick=True), control=False, depths=[2], heads=[1, 2], search_pilots=2, ascent_steps=2,
         search_rounds=2,
@@ -524,13 +525,15 @@ def test_pilots_join_the_candidates_and_leave_each_seeds_rows_its_own():
         return {(r["seed"], r["depth"], r["heads"]): r for r in out}, diag
 
     both, diag = rows(cfg, [0, 1])
-    alone, _ = rows(cfg, [1])
-    plain, diag0 = rows(dataclasses.replace(cfg, search_pilots=0), [0, 1])
+    other, _ = rows(cfg, [1, 2])
+    plain, diag0 = rows(dataclasses.replace(cfg, search_pilots=0), [0, 1, 2, 3])
     assert diag["pilots"] == 2 and 1 <= diag["pilot_candidates"] <= 2 * len(group.points)
     assert "pilots" not in diag0 and "pilot search" in diag["timings_s"]
-    for key, r in alone.items():
+    shared = [key for key in other if key in both]
+    assert shared and all(key[0] == 1 for key in shared)
+    for key in shared:
         for col in ("pointwise_err", "uniform_err", "uniform_test_set", "uniform_search", "worst_family"):
-            assert r[col] == both[key][col], (key, col)
+            assert other[key][col] == both[key][col], (key, col)
     for key, r in both.items():
         assert r["pointwise_err"] == plain[key]["pointwise_err"] and r["param_gap"] == plain[key]["param_gap"]
         assert r["uniform_test_set"] >= plain[key]["uniform_test_set"]

@@ -135,12 +135,13 @@ def sup_search(
         raise ValueError(f"rates.search.sup_search: seed_rows must have shape ({num_seeds},), got {rows_of.shape}.")
     cand = np.asarray(candidates)
     # The cheap limit's paths at every candidate, in chunks of ``chunk`` (one compiled shape whatever the count).
-    parts = []
+    sx, sp = [], []
     for lo in range(0, num_cand, chunk):
         n = min(chunk, num_cand - lo)
         a, b = surrogate_paths(problem, sur, jnp.asarray(_pad(cand[lo : lo + n], chunk)), w)
-        parts.append((np.asarray(a)[:n], np.asarray(b)[:n]))
-    sx, sp = (np.concatenate(a) for a in zip(*parts))
+        sx.append(np.asarray(a)[:n])
+        sp.append(np.asarray(b)[:n])
+    sx, sp = np.concatenate(sx), np.concatenate(sp)
     off_x = np.asarray(candidate_paths[0]) - np.asarray(sx)  # (C, lmax + 1, N, d): the correction at each start
     off_p = np.asarray(candidate_paths[1]) - np.asarray(sp)
     p_group, p_g = point_layout(discrete)
