@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
             res = original(problem, sur, discrete, candidates, candidate_paths, exact_errs, w, lmax, exact, **kw)
             found["pilot_seconds"] = time.perf_counter() - t0
             return res
-        c0 = cfg.test_inputs + 5 * cfg.candidates  # the candidates before the pilots' maximisers
+        c0 = driver.base_candidates(cfg)  # the candidates before the pilots' maximisers
         out, values = [], []
         for i, (name, over) in enumerate(variants(cfg)):
             cand, paths, errs = candidates, candidate_paths, exact_errs

@@ -1,6 +1,7 @@
 """The rates experiment: settings, statistics (on synthetic data with known answers), the run folder, and the
 quick configuration end to end (shared with the notebook test through conftest's ``rates_quick_run``)."""
 
+import csv
 import dataclasses
 import json
 import math
@@ -455,10 +456,19 @@ def test_a_changed_statistical_setting_is_refused_and_more_seeds_extend(rates_qu
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
     seen = []
-    monkeypatch.setattr(driver, "run_group", lambda cfg_, g, seeds, *a, **k: seen.append(seeds) or {})
+    new_origin = {"worst_origin_counts": {"sphere": 1}}  # what the new seed's row would add
+    monkeypatch.setattr(driver, "run_group", lambda cfg_, g, seeds, *a, **k: seen.append(seeds) or dict(new_origin))
     monkeypatch.setattr(driver, "run_control", lambda cfg_, seeds, *a, **k: seen.append(seeds))
-    rates.run(dataclasses.replace(cfg, seeds=cfg.seeds + 1), str(copy), compile_ahead=False)
+    key = next(k for k in json.load(open(os.path.join(out, "diagnostics.json"))) if k.startswith("LH/"))
+    before = json.load(open(os.path.join(out, "diagnostics.json")))[key]["worst_origin_counts"]
+    s = rates.run(dataclasses.replace(cfg, seeds=cfg.seeds + 1), str(copy), compile_ahead=False)
     assert seen == [[cfg.seeds]]  # only the new seed is computed, of the trained models (the control has its own)
+    # The extension's origin counts add to the folder's; the summary gives them only if they count every row.
+    after = json.load(open(copy / "diagnostics.json"))[key]["worst_origin_counts"]
+    assert after == {**before, "sphere": before.get("sphere", 0) + 1} and sum(before.values()) == len(
+        [r for r in csv.DictReader(open(os.path.join(out, "results.csv"))) if r["sweep"] == "LH"]
+    )
+    assert s["sup_search"]["worst_origin_counts"] is None  # one count more than the rows (no row was written)
     seen.clear()
     rates.run(dataclasses.replace(cfg, control_seeds=cfg.control_seeds + 2), str(copy), compile_ahead=False)
     assert seen == [[cfg.control_seeds, cfg.control_seeds + 1]]  # only the control's new seeds
@@ -469,6 +479,8 @@ def test_report_rebuilds_the_summary_from_the_files(rates_quick_run):
     again = rates.report(out)
     assert again["fits"]["uniform"].get("alpha") == summary["fits"]["uniform"].get("alpha")
     assert math.isfinite(again["training"]["depth_spread"])
+    origins = again["sup_search"]["worst_origin_counts"]  # every row counted once, by a family (never "pilot")
+    assert sum(origins.values()) == again["sup_search"]["rows"] and set(origins) <= set(driver.FAMILIES)
 
 
 def test_compiling_ahead_changes_no_number_and_compiles_each_program_once(tmp_path):
@@ -540,6 +552,18 @@ def test_pilots_join_the_candidates_and_leave_each_seeds_rows_its_own():
         assert r["uniform_err"] >= r["uniform_test_set"]
         assert (r["uniform_source"] == driver.PILOT) <= (r["worst_family"] == driver.PILOT)
     assert any(r["worst_family"] == driver.PILOT for r in both.values())
+
+    # Each row's worst input by the family its climb began in, a pilot's path followed back to its start.
+    def counts(rs):
+        out = {}
+        for r in rs:
+            out[r["worst_family"]] = out.get(r["worst_family"], 0) + 1
+        return out
+
+    assert diag0["worst_origin_counts"] == counts(plain.values())
+    origins, direct = diag["worst_origin_counts"], counts(both.values())
+    assert sum(origins.values()) == len(both) and set(origins) <= set(driver.FAMILIES)
+    assert all(origins.get(f, 0) >= direct.get(f, 0) for f in driver.FAMILIES)
     # The pilots are not seeds: their draws come from their own stream.
     d_seed = driver._draws(cfg, [0], 0, group.points, cfg.dim)
     d_pil = driver._draws(cfg, [0], 1, group.points, cfg.dim)

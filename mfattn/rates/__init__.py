@@ -172,7 +172,11 @@ def run(
             d = driver.run_group(
                 cfg, group, missing, write, tabs["training"].write, group_tick, prepared=prepared.pop(gi, None)
             )
-            diagnostics[f"{group.sweep}/{group.optimizer}/{group.num_tokens}/{group.dim}"] = d
+            key = f"{group.sweep}/{group.optimizer}/{group.num_tokens}/{group.dim}"
+            # An extension's rows are new seeds: their counts add to those of the rows already there.
+            for f, c in diagnostics.get(key, {}).get("worst_origin_counts", {}).items():
+                d.setdefault("worst_origin_counts", {})[f] = d["worst_origin_counts"].get(f, 0) + c
+            diagnostics[key] = d
             tmp = diag_path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(diagnostics, f, indent=2)
@@ -370,6 +374,10 @@ def summarize(cfg: RatesConfig, rows: dict, diagnostics: dict) -> dict:
     fam: dict = {}
     for r in res:
         fam[r["worst_family"]] = fam.get(r["worst_family"], 0) + 1
+    origin: dict = {}  # through the pilots' paths: the family each row's climb began in
+    for k, v in diagnostics.items():
+        for f, c in (v.get("worst_origin_counts", {}) if k.startswith("LH/") and isinstance(v, dict) else {}).items():
+            origin[f] = origin.get(f, 0) + c
     # Each point's estimate is the rms over seeds of their suprema: its last doubling's gain is the convergence test.
     point_gains = [
         float(search.point_gain(*(np.asarray([float(r[k]) for r in rs]) for k in ("uniform_err", "search_gain"))))
@@ -390,14 +398,16 @@ def summarize(cfg: RatesConfig, rows: dict, diagnostics: dict) -> dict:
         "rows_from_search": sum(r["uniform_source"] in ("search", "pool") for r in res),
         "rows_from_pool": sum(r["uniform_source"] == "pool" for r in res),
         "pilots": cfg.search_pilots,
-        "rows_from_pilots": sum(r["uniform_source"] == "pilot" for r in res),
-        "rows_starting_at_pilots": fam.get("pilot", 0),
+        "rows_from_pilots": sum(r["uniform_source"] == driver.PILOT for r in res),
+        "rows_starting_at_pilots": fam.get(driver.PILOT, 0),
         "pilot_final_gain": max(
             (g for k, v in diagnostics.items() if isinstance(v, dict) for g in v.get("pilot_point_gains", [])),
             default=None,
         ),
         "rows": len(res),
         "worst_family_counts": fam,
+        # Only when every row's origin was recorded (a folder extended from one older than this count has not).
+        "worst_origin_counts": origin if sum(origin.values()) == len(res) and res else None,
         "worst_mean_token_norm": float(np.mean([float(r["worst_norm"]) for r in res])) if res else None,
         "worst_mean_diameter": float(np.mean([float(r["worst_diameter"]) for r in res])) if res else None,
         "surrogate_over_exact": float(np.median(own)) if (own := _surrogate_over_exact(res)) else None,

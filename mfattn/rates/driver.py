@@ -37,11 +37,26 @@ from . import core
 from .config import RatesConfig
 from .search import point_gain, point_layout, sup_search
 
-__all__ = ["Group", "Prepared", "groups", "FAMILIES", "PILOT", "prepare", "run_control", "run_group", "mesh", "place"]
+__all__ = [
+    "Group",
+    "Prepared",
+    "groups",
+    "FAMILIES",
+    "PILOT",
+    "LABELS",
+    "base_candidates",
+    "prepare",
+    "run_control",
+    "run_group",
+    "mesh",
+    "place",
+]
 
 FAMILIES = ("train", "uniform", "clustered", "degenerate", "sphere")
 #: The label of a candidate that is a pilot draw's maximiser (``search_pilots``), after the five families.
 PILOT = "pilot"
+#: Every candidate's label, indexed by the integer labels a group carries (the five families, then the pilots').
+LABELS = (*FAMILIES, PILOT)
 EVAL_CHUNK = 4  # inputs per call of the evaluation (candidates, and the search's exact rows): one compiled shape
 ASCENT_CHUNK = 32  # ascent paths per call of the search (see .search)
 
@@ -187,6 +202,11 @@ def _inputs(cfg: RatesConfig, task, n: int, d: int):
     cand += [np.asarray(fams[f]) for f in FAMILIES[1:]]
     labels = np.repeat(np.arange(len(FAMILIES)), cfg.candidates)
     return test, np.concatenate(cand), labels
+
+
+def base_candidates(cfg: RatesConfig) -> int:
+    """How many candidates of a group precede the pilots' maximisers: the test inputs, then each family's."""
+    return cfg.test_inputs + len(FAMILIES) * cfg.candidates
 
 
 def _pad(a: np.ndarray, size: int) -> np.ndarray:
@@ -496,14 +516,15 @@ def run_group(
         pool=cfg.search_pool, rule=cfg.ascent_rule, **kw,
     )  # fmt: skip
     pilot_info = {}
+    origin = labels.copy()  # a candidate's family; a pilot's maximiser's: the family its pilot's path started in
     if prepared.pilots:
         # The pilots (rows num_seeds, ... of the trained draws) are searched first; their maximisers, new inputs
         # only, join the candidates of every seed (each evaluated against the full limit once, for every row).
         pil = search(e_cand.err[num_seeds:], seed_rows=num_seeds + np.arange(prepared.pilots), progress=prog("pilots"))
         lap("pilot search")
-        px = pil.argmax.reshape(-1, *cand.shape[1:])
-        px = np.unique(px, axis=0)
-        px = px[~(px[:, None] == cand[None]).all(axis=(-2, -1)).any(axis=1)]
+        px, first = np.unique(pil.argmax.reshape(-1, *cand.shape[1:]), axis=0, return_index=True)
+        new = ~(px[:, None] == cand[None]).all(axis=(-2, -1)).any(axis=1)
+        px, px_start = px[new], pil.start.reshape(-1)[first][new]  # the candidate each pilot's path started at
         if len(px):
             e_pil, pil_paths = _evaluate(
                 problem, lim.ens, st.discrete, px, w, lmax, chunk=EVAL_CHUNK, progress=prog("eval")
@@ -511,7 +532,8 @@ def run_group(
             e_cand = jax.tree.map(lambda a, b: np.concatenate([a, b], axis=-1), e_cand, e_pil)
             cand_paths = jax.tree.map(lambda a, b: np.concatenate([a, b]), cand_paths, pil_paths)
             cand = np.concatenate([cand, px])
-            labels = np.concatenate([labels, np.full(len(px), len(FAMILIES))])
+            labels = np.concatenate([labels, np.full(len(px), LABELS.index(PILOT))])
+            origin = np.concatenate([origin, origin[px_start]])
         pilot_info = {
             "pilots": prepared.pilots,
             "pilot_candidates": len(px),
@@ -534,6 +556,7 @@ def run_group(
     fluct_sup = np.fmax(np.max(e_cand.fluct, axis=-1), e_max.fluct)
     gaps = np.concatenate([np.asarray(core.param_gap(a, b)) for a, b in zip(st.discrete, st.coupled)], axis=1)
     R = cfg.replicas
+    origins: dict = {}  # the rows' worst inputs by the family their climb began in (through a pilot's path)
     for p, (L, H) in enumerate(group.points):
         mc_pw = float(np.sqrt(np.mean(e_test.mc[p] ** 2)))
         fmc_pw = float(np.sqrt(np.mean(e_test.fluct_mc[p] ** 2)))
@@ -543,7 +566,9 @@ def run_group(
             use_search = bool(exact_max[si, p] > ts_val[si, p])  # nan (no round ran): the test set
             uni = float(res.value[si, p])
             x_w = res.argmax[si, p] if use_search else cand[ts_idx[si, p]]
-            fam = (*FAMILIES, PILOT)[labels[res.start[si, p] if use_search else ts_idx[si, p]]]
+            at = res.start[si, p] if use_search else ts_idx[si, p]
+            fam = LABELS[labels[at]]
+            origins[LABELS[origin[at]]] = origins.get(LABELS[origin[at]], 0) + 1
             source = ("pool" if res.pooled[si, p] else "search") if use_search else "test_set"
             source = PILOT if source == "test_set" and fam == PILOT else source
             dists = np.linalg.norm(x_w[:, None] - x_w[None], axis=-1)
@@ -589,5 +614,6 @@ def run_group(
         "sign_fraction_discrete": fr_disc,
         **spread,
         **pilot_info,
+        "worst_origin_counts": origins,
         "timings_s": timings,
     }
