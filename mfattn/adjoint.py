@@ -352,7 +352,7 @@ def cached_forward_layer(theta, tokens, weights, *, beta, radius=None, attention
         u, rz, vbar = _kernel_rows(spec, proj(tokens, wq), kk, v, weights, beta, jnp.arange(tokens.shape[0]), mm)
         return proj(vbar, wo.T), (u, rz, vbar)
 
-    out, cache = over_heads(head, (theta.wq, theta.wk, theta.wv, theta.wo), tokens.shape[0])
+    out, cache = over_heads(head, (theta.wq, theta.wk, theta.wv, theta.wo), tokens.shape[0], spec.heads)
     return jnp.mean(out, axis=0), cache
 
 

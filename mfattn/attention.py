@@ -77,7 +77,7 @@ def project_ball_vjp(tokens: Float[Array, "N d"], cotangent: Float[Array, "N d"]
 
 Kind = Literal["softmax", "unnormalized", "l2", "sigmoid", "sinkhorn"]
 KINDS = ("softmax", "unnormalized", "l2", "sigmoid", "sinkhorn")
-HEAD_LOOPS = ("auto", "lanes", "vmap", "sequential")
+HEAD_LOOPS = ("auto", "lanes", "vmap", "sequential", "blocked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +121,13 @@ class Attention:
             same results up to rounding. ``"lanes"``: the head axis is the innermost array axis and the token
             and coordinate loops are unrolled (:mod:`mfattn.lanes`; many heads, few tokens: the limit);
             ``"vmap"``: ``jax.vmap`` over heads (batched matrix products); ``"sequential"``: ``lax.map`` over
-            heads (one head's ``N x N`` arrays live at a time; on CPU the fastest for large ``N``).
+            heads (one head's ``N x N`` arrays live at a time; on CPU the fastest for large ``N``);
+            ``"blocked"``: ``lax.map`` over blocks of heads, each block vectorised, sized so that a block's
+            ``N x N`` arrays hold about :data:`HEAD_BLOCK_ENTRIES` numbers (they stay in cache).
             ``"auto"`` (default): on CPU lanes for at most 4 tokens, at least 1024 heads and ``d, k <= 4`` (the
             limit's ensembles; the rule and its measurement: :data:`mfattn.lanes.AUTO_MAX_TOKENS`), sequential
-            from :data:`SEQUENTIAL_HEADS_FROM` tokens, else vmap. Lanes needs a
+            from :data:`SEQUENTIAL_HEADS_FROM` tokens, blocked from :data:`BLOCKED_HEADS_FROM`, else vmap (on
+            accelerators always vmap). Lanes needs a
             closed-form kind, no ``matmul_dtype`` and no ``chunk``; otherwise ``"lanes"`` falls back to
             ``"auto"``'s choice.
         remat: ``True`` (default, memory-lean): the hand backward pass recomputes each layer's attention
@@ -154,7 +157,7 @@ class Attention:
     matmul_dtype: str | None = None
     chunk: int | None = None
     remat: bool = True
-    heads: Literal["auto", "lanes", "vmap", "sequential"] = "auto"
+    heads: Literal["auto", "lanes", "vmap", "sequential", "blocked"] = "auto"
 
     def __post_init__(self):
         _checks.check_choice("Attention", "kind", self.kind, KINDS)
@@ -239,16 +242,34 @@ SOFTMAX = Attention()
 SEQUENTIAL_HEADS_FROM = 128
 
 
+#: ``Attention(heads="blocked")``: the heads of one block hold about this many entries per ``N x N`` array.
+HEAD_BLOCK_ENTRIES = 2**17
+#: On CPU, ``heads="auto"`` runs the heads in blocks (``"blocked"``) from this many tokens up to
+#: :data:`SEQUENTIAL_HEADS_FROM`: all heads vmapped at once keep ``M`` of the ``N x N`` arrays live, which leave the
+#: cache. Measured on the 2-core CPU (``benchmarks/head_loops.py``, d = k = 2, blocked against vmap, interleaved):
+#: one forward-backward solve of the limit 1.41x (N = 64, M = 512) and 1.95x (M = 2048), 1.12x at N = 32 (M = 512);
+#: 0.95-1.05x for every operation at N = 8 and 16 (noise), where the rule leaves vmap.
+BLOCKED_HEADS_FROM = 32
+
+
+def head_block(n_tokens: int, n_heads: int) -> int:
+    """The block size of ``heads="blocked"``: ``HEAD_BLOCK_ENTRIES // N^2`` heads (at least 1, at most all)."""
+    return int(min(n_heads, max(1, HEAD_BLOCK_ENTRIES // max(1, n_tokens) ** 2)))
+
+
 def over_heads(fn, heads, n_tokens: int, loop: str = "auto"):
     """``fn`` applied to every head of ``heads`` (a pytree with a leading head axis), results stacked.
 
-    ``loop`` (:attr:`Attention.heads`): ``"vmap"``, ``"sequential"`` (``lax.map``), or ``"auto"`` (and
-    ``"lanes"``, whose kernels are not per-head functions): ``jax.vmap`` on accelerators and for small ``N``,
-    ``lax.map`` on CPU for ``N >= SEQUENTIAL_HEADS_FROM``."""
-    if loop == "sequential" or (
-        loop != "vmap" and jax.default_backend() == "cpu" and n_tokens >= SEQUENTIAL_HEADS_FROM
-    ):
+    ``loop`` (:attr:`Attention.heads`): ``"vmap"``, ``"sequential"`` (``lax.map``), ``"blocked"`` (``lax.map``
+    over blocks of :func:`head_block` heads, each block vmapped), or ``"auto"`` (and ``"lanes"``, whose kernels
+    are not per-head functions): ``jax.vmap`` on accelerators and for small ``N``; on CPU blocked for
+    ``BLOCKED_HEADS_FROM <= N < SEQUENTIAL_HEADS_FROM`` and ``lax.map`` from ``SEQUENTIAL_HEADS_FROM``."""
+    auto_cpu = loop in ("auto", "lanes") and jax.default_backend() == "cpu"
+    if loop == "sequential" or (auto_cpu and n_tokens >= SEQUENTIAL_HEADS_FROM):
         return jax.lax.map(lambda h: fn(*h), heads)
+    if loop == "blocked" or (auto_cpu and n_tokens >= BLOCKED_HEADS_FROM):
+        n_heads = jax.tree.leaves(heads)[0].shape[0]
+        return jax.lax.map(lambda h: fn(*h), heads, batch_size=head_block(n_tokens, n_heads))
     return jax.vmap(fn)(*heads)
 
 

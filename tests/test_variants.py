@@ -252,6 +252,40 @@ def test_sequential_and_vectorised_heads_agree(monkeypatch):
         assert rel(b, a) <= 1e-12
 
 
+@pytest.mark.parametrize(
+    "kind, causal, tokens, remat", [("softmax", False, 5, True), ("l2", True, 5, False), ("sigmoid", False, 1, True)]
+)
+def test_blocked_heads_agree_with_vectorised(monkeypatch, kind, causal, tokens, remat):
+    """``heads="blocked"``: ``lax.map`` over blocks of heads, each block vmapped (7 heads in blocks of 3, so the
+    last block is a remainder): the velocity, the adjoint field and the gradient maps equal ``vmap``'s to 1e-12
+    (float64, padding, large beta, N = 1; ``remat=False``: the forward pass's per-head cache through the blocks)."""
+    from mfattn.adjoint import adjoint_field_and_grad_map, cached_forward_layer
+
+    attention_module = _attention_module()
+    monkeypatch.setattr(attention_module, "HEAD_BLOCK_ENTRIES", 3 * tokens**2)
+    assert attention_module.head_block(tokens, 7) == 3 and attention_module.head_block(tokens, 2) == 2
+    c = Case(depth=1, heads=7, tokens=tokens, dim=3, head_dim=2, beta=6.0, padding=tokens > 1)
+    params, x0, m, _ = instance(c, Attention(kind, causal=causal))
+    theta = jax.tree.map(lambda a: a[0], params)
+    p = jax.random.normal(jax.random.key(3), x0.shape, jnp.float64)
+    out = {}
+    for loop in ("vmap", "blocked", "auto"):  # auto: blocked on CPU from BLOCKED_HEADS_FROM tokens (set to 1 here)
+        spec = Attention(kind, causal=causal, heads=loop, remat=remat)
+        monkeypatch.setattr(attention_module, "BLOCKED_HEADS_FROM", 1)
+
+        def run(th, x, p, spec=spec):
+            f = mfattn.velocity(th, x, x, m, beta=c.beta, attention=spec)
+            cache = None if remat else cached_forward_layer(th, x, m, beta=c.beta, attention=spec)[1]
+            return f, adjoint_field_and_grad_map(th, x, p, m, beta=c.beta, attention=spec, cache=cache)
+
+        out[loop] = jax.jit(run)(theta, x0, p)
+        loops = "scan" in str(jax.make_jaxpr(run)(theta, x0, p))
+        assert loops == (loop == "blocked" or (loop == "auto" and jax.default_backend() == "cpu")), loop
+    for loop in ("blocked", "auto"):
+        for a, b in zip(jax.tree.leaves(out[loop]), jax.tree.leaves(out["vmap"]), strict=True):
+            assert rel(a, b) <= 1e-12
+
+
 def test_tiny_products_without_dots_agree_with_dots(monkeypatch):
     """On CPU, tiny per-head products are broadcast sums (TINY_PRODUCT): no dot is left in them,
     larger ones stay dots, and the velocity, adjoint field and gradient maps equal the all-dots path to 1e-13
