@@ -1,7 +1,8 @@
 """How the limit's kernels loop over their particles (``Attention(heads=...)``) at more tokens than the lanes
-kernels take (N >= 8): ``"vmap"`` (one batched program over all particles, ``"auto"``'s choice below
-``SEQUENTIAL_HEADS_FROM`` tokens) against ``"blocked"`` (``lax.map`` over blocks of about
-``HEAD_BLOCK_ENTRIES / N^2`` particles, each block vectorised) and ``"sequential"`` (one particle at a time), side
+kernels take (N >= 8): ``"vmap"`` (one batched program over all particles, ``"auto"``'s choice on CPU below
+``BLOCKED_HEADS_FROM`` tokens) against ``"blocked"`` (``lax.map`` over blocks of about
+``HEAD_BLOCK_ENTRIES / N^2`` particles, each block vectorised; ``"auto"``'s choice from ``BLOCKED_HEADS_FROM``) and
+``"sequential"`` (one particle at a time; ``"auto"``'s from ``SEQUENTIAL_HEADS_FROM``), side
 by side in one process with interleaved repeats: the velocity F, the adjoint field and gradient map together
 (G, g: one backward call), and one forward-backward solve of the limit (Tsit5, 8 fixed steps, as `mfattn rates`).
 Sizes: N in {8, 32} and the N sweep's (N in {16, 64}, d = k = 2) at M = 512 (one replica of the sweeps' limit) and
