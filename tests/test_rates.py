@@ -498,7 +498,7 @@ def test_compiling_ahead_changes_no_number_and_compiles_each_program_once(tmp_pa
     without, and no program compiled twice (the run's calls find the programs compiled ahead in JAX's cache)."""
     # The pooled search (search_pool) runs the exact rows' programs, no other.
     cfg = dataclasses.replace(
-        rates.load_config(quick=True), control=False, depths=[2], heads=[1, 2], seeds=2, dims_sweep=[3],
+        rates.load_config(quick=True), control=False, depths=[2], heads=[1, 2], seeds=2, tokens_sweep=[3],
         sweep_points=[[2, 1]], search_pool=True,
     )  # fmt: skip
     names = {"train_step", "limit_replica_paths", "_errors_from_paths", "euler_heads", "surrogate_paths",
@@ -522,10 +522,10 @@ def test_compiling_ahead_changes_no_number_and_compiles_each_program_once(tmp_pa
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     assert runs[True][0] == runs[False][0] and set(runs[True][0]) == names
-    assert runs[True][0]["train_step"] == 3  # one per group: LH, and d = 3 under both optimizers
+    assert runs[True][0]["train_step"] == 2  # one per group: LH, and N = 3
     assert runs[True][1] == runs[False][1] and runs[True][2]["sup_search"]["pooled"] is True
     ahead = [t for k, t in runs[True][2]["timings_s"].items() if k not in ("fits", "control")]
-    assert len(ahead) == 3 and all(t["compiled ahead on a second thread (not in the wall time)"] > 0 for t in ahead)
+    assert len(ahead) == 2 and all(t["compiled ahead on a second thread (not in the wall time)"] > 0 for t in ahead)
 
 
 def test_pilots_join_the_candidates_and_leave_each_seeds_rows_its_own():
