@@ -333,6 +333,16 @@ def test_search_never_lowers_the_estimate_and_reports_its_gain(getkey):
     for got in out[1:]:
         for a, b in zip(got, out[0], strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    # ``count``: only the batches holding the first ``count`` rows run (3 rows in batches of 2: rows 0-3), the rest
+    # are 0; one compiled program for every count.
+    for c in (3, 5, 0):
+        v, g = core.surrogate_values_and_grads(
+            problem, sur, disc[0], xs, w, rows, idx, offs, 4, batch=2, count=jnp.asarray(c)
+        )
+        run = min(5, -(-c // 2) * 2)
+        np.testing.assert_allclose(v[:run], out[0][0][:run], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(g[:run], out[0][1][:run], rtol=1e-12, atol=1e-14)
+        assert not np.any(v[run:]) and not np.any(g[run:])
 
 
 def test_pooled_search_offers_each_maximiser_to_every_point_of_its_seed_and_no_other_seed(getkey):

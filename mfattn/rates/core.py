@@ -315,7 +315,7 @@ def surrogate_paths(problem: Problem, sur: Params, xs, w):
 
 @eqx.filter_jit
 def surrogate_values_and_grads(
-    problem: Problem, sur: Params, group: Params, xs, w, rows, gidx, offsets, lmax: int, batch: int = 4
+    problem: Problem, sur: Params, group: Params, xs, w, rows, gidx, offsets, lmax: int, batch: int = 4, count=None
 ):
     """The corrected surrogate error of row ``q`` and its gradient in the input: seed ``rows[q]``, head count
     ``gidx[q]`` of the depth group ``group`` (leaves ``(S, G, L, H_max, d, k)``) at the input ``xs[q]``, against
@@ -327,7 +327,12 @@ def surrogate_values_and_grads(
     limit's ``(heads, N, N)`` scores at every layer, kept for the gradient) stay in cache. Measured on the 2-core
     CPU (32 rows, the surrogate's 128 heads, L = 8, d = k = 2, ``benchmarks/ascent_batch.py``, beside another
     job): against all 32 rows vectorised at once, 1.91x at N = 4, 1.45x at N = 16, 1.64x at N = 64 (blocks of 2:
-    1.52x, 1.82x, 1.74x; one at a time: 0.95-1.34x); the same values up to float32 rounding (gradients 3e-7)."""
+    1.52x, 1.82x, 1.74x; one at a time: 0.95-1.34x); the same values up to float32 rounding (gradients 3e-7).
+
+    ``count`` (an integer array, optional): only the batches holding the first ``count`` rows run (a loop whose
+    trip count is an argument: one compiled program for every count); the values and gradients of the rows after
+    those batches are 0. The search passes its chunks' real row counts, so the copies padding a chunk to its
+    compiled shape cost nothing beyond their batch."""
     stride = lmax // group.wq.shape[2]
 
     def err(x, s, g, dx, dp):
@@ -337,7 +342,23 @@ def surrogate_values_and_grads(
         sq = _d2(xd, (xl + dx)[::stride]) + _d2(pd, (pl + dp)[::stride])
         return jnp.sqrt(jnp.max(_masked(sq, w), axis=(-2, -1)))
 
-    return jax.lax.map(lambda a: jax.value_and_grad(err)(*a), (xs, rows, gidx, *offsets), batch_size=batch)
+    args = (xs, rows, gidx, *offsets)
+    if count is None:
+        return jax.lax.map(lambda a: jax.value_and_grad(err)(*a), args, batch_size=batch)
+    q = xs.shape[0]
+    nb = -(-q // batch)
+    blocks = jax.tree.map(
+        lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], nb * batch - q, 0)]).reshape(nb, batch, *a.shape[1:]), args
+    )
+    one_batch = jax.vmap(jax.value_and_grad(err))
+
+    def body(i, out):
+        v, g = one_batch(*jax.tree.map(lambda a: a[i], blocks))
+        return out[0].at[i].set(v), out[1].at[i].set(g)
+
+    zeros = (jnp.zeros((nb, batch), xs.dtype), jnp.zeros((nb, batch, *xs.shape[1:]), xs.dtype))
+    v, g = jax.lax.fori_loop(0, (count + batch - 1) // batch, body, zeros)
+    return v.reshape(-1)[:q], g.reshape(-1, *xs.shape[1:])[:q]
 
 
 def _zeros(tree):
@@ -377,7 +398,8 @@ def compile_search(problem: Problem, reps: Params, discrete: tuple, candidates, 
     xr, pr = _zeros(jax.eval_shape(lambda: limit_replica_paths(problem, reps, xs_r, w, lmax)))
     for group, heads in zip(discrete, euler):
         rows, gidx = _index(ascent_chunk), _index(ascent_chunk)
-        surrogate_values_and_grads.lower(problem, sur, group, xs_a, w, rows, gidx, offsets, lmax).compile()
+        count = jnp.asarray(ascent_chunk)  # as the search passes a chunk's real row count
+        surrogate_values_and_grads.lower(problem, sur, group, xs_a, w, rows, gidx, offsets, lmax, count=count).compile()
         rows, gidx = _index(row_chunk), _index(row_chunk)
         _rows_from_paths.lower(problem, group, heads, xs_r, w, rows, gidx, xr, pr, lmax).compile()
 

@@ -176,9 +176,10 @@ def sup_search(
                     jnp.asarray(_pad(a, chunk)) for a in (rows_of[seed_f[sel]], p_g[point_f[sel]], start_f[sel])
                 )
                 offs = (jnp.asarray(off_x)[c_], jnp.asarray(off_p)[c_])
+                real = jnp.asarray(n)  # the chunk's real paths: the padding copies after their batch are not run
 
-                def vg(x, params=params, s_=s_, g_=g_, offs=offs):
-                    return surrogate_values_and_grads(problem, sur, params, x, w, s_, g_, offs, lmax)
+                def vg(x, params=params, s_=s_, g_=g_, offs=offs, real=real):
+                    return surrogate_values_and_grads(problem, sur, params, x, w, s_, g_, offs, lmax, count=real)
 
                 v, x = projected_ascent(
                     vg, jnp.asarray(cand)[c_], radius=radius, steps=n_steps, step_size=step_size, rule=rule
