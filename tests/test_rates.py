@@ -620,6 +620,10 @@ def test_the_n_and_d_sweeps_run_end_to_end_with_slopes_and_paired_ratios(tmp_pat
     assert "slope" in n or "error" in n
     u = s["fits"]["N"]["adamw L=2 H=1 uniform_err"]
     assert len(u["search_gain"]) == 2
+    # The sweeps' own search convergence, beside the (L, H) grid's, in the summary and the printout.
+    gains = [g for b in (*s["fits"]["N"].values(), *s["fits"]["d"].values()) for g in b.get("search_gain", [])]
+    assert s["sup_search"]["sweeps_final_gain"] == max(gains)
+    assert "supremum search in the N and d sweeps" in s["table"]
     pr = s["fits"]["d"]["blockwise_adamw / adamw L=2 H=1 uniform_err"]
     assert len(pr["ratio"]) == 2 and len(pr["ratio_ci"]) == 2 and "paired" in pr["method"]
     for opt in ("adamw", "blockwise_adamw"):

@@ -455,6 +455,16 @@ def summarize(cfg: RatesConfig, rows: dict, diagnostics: dict) -> dict:
                         list(vals), *E_ab
                     )
         fits[sweep] = block
+    # The sweeps' searches: their own convergence (``final_gain`` above is the (L, H) grid's).
+    sweep_gains = [
+        g
+        for sweep in ("N", "d")
+        for b in fits.get(sweep, {}).values()
+        for g in b.get("search_gain", [])
+        if g is not None and math.isfinite(g)
+    ]
+    out["sup_search"]["sweeps_final_gain"] = max(sweep_gains) if sweep_gains else None
+    out["sup_search"]["sweeps_converged"] = bool(max(sweep_gains) < cfg.search_tol) if sweep_gains else None
     return out
 
 
@@ -574,6 +584,13 @@ def table(cfg: RatesConfig, rows: list, summary: dict) -> str:
             f"supremum search: the last doubling raised a point's estimate (rms over seeds) by at most "
             f"{100 * ss['final_gain']:.1f}% ({'converged' if ss['converged'] else 'NOT converged'} at "
             f"{100 * ss['tol']:.0f}%; single seeds: at most {100 * ss['row_gain_max']:.1f}%)"
+            + (" on the (L, H) grid" if ss.get("sweeps_final_gain") is not None else "")
+        )
+    if ss.get("sweeps_final_gain") is not None:
+        lines.append(
+            f"supremum search in the N and d sweeps: the last doubling raised a value's estimate by at most "
+            f"{100 * ss['sweeps_final_gain']:.1f}% ({'converged' if ss['sweeps_converged'] else 'NOT converged'} at "
+            f"{100 * ss['tol']:.0f}%)"
         )
     lines.append(
         f"training: {trn['steps']} steps; fraction of Adam directions at the sign bound "
