@@ -174,8 +174,9 @@ def run(
             )
             key = f"{group.sweep}/{group.optimizer}/{group.num_tokens}/{group.dim}"
             # An extension's rows are new seeds: their counts add to those of the rows already there.
+            counts = d.setdefault("worst_origin_counts", {})
             for f, c in diagnostics.get(key, {}).get("worst_origin_counts", {}).items():
-                d.setdefault("worst_origin_counts", {})[f] = d["worst_origin_counts"].get(f, 0) + c
+                counts[f] = counts.get(f, 0) + c
             diagnostics[key] = d
             tmp = diag_path + ".tmp"
             with open(tmp, "w") as f:
