@@ -254,7 +254,7 @@ BLOCKED_HEADS_FROM = 32
 
 def head_block(n_tokens: int, n_heads: int) -> int:
     """The block size of ``heads="blocked"``: ``HEAD_BLOCK_ENTRIES // N^2`` heads (at least 1, at most all)."""
-    return int(min(n_heads, max(1, HEAD_BLOCK_ENTRIES // max(1, n_tokens) ** 2)))
+    return int(max(1, min(n_heads, HEAD_BLOCK_ENTRIES // max(1, n_tokens) ** 2)))
 
 
 def over_heads(fn, heads, n_tokens: int, loop: str = "auto"):

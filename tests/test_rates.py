@@ -343,6 +343,8 @@ def test_search_never_lowers_the_estimate_and_reports_its_gain(getkey):
         np.testing.assert_allclose(v[:run], out[0][0][:run], rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(g[:run], out[0][1][:run], rtol=1e-12, atol=1e-14)
         assert not np.any(v[run:]) and not np.any(g[run:])
+    with pytest.raises(ValueError, match="batch"):
+        core.surrogate_values_and_grads(problem, sur, disc[0], xs, w, rows, idx, offs, 4, batch=0)
 
 
 def test_pooled_search_offers_each_maximiser_to_every_point_of_its_seed_and_no_other_seed(getkey):

@@ -327,12 +327,15 @@ def surrogate_values_and_grads(
     limit's ``(heads, N, N)`` scores at every layer, kept for the gradient) stay in cache. Measured on the 2-core
     CPU (32 rows, the surrogate's 128 heads, L = 8, d = k = 2, ``benchmarks/ascent_batch.py``, beside another
     job): against all 32 rows vectorised at once, 1.91x at N = 4, 1.45x at N = 16, 1.64x at N = 64 (blocks of 2:
-    1.52x, 1.82x, 1.74x; one at a time: 0.95-1.34x); the same values up to float32 rounding (gradients 3e-7).
+    1.52x, 1.82x, 1.74x; one at a time: 0.95-1.34x; measured as ``lax.map(batch_size=)``, the same batches); the
+    same values up to float32 rounding (gradients 3e-7).
 
-    ``count`` (an integer array, optional): only the batches holding the first ``count`` rows run (a loop whose
-    trip count is an argument: one compiled program for every count); the values and gradients of the rows after
-    those batches are 0. The search passes its chunks' real row counts, so the copies padding a chunk to its
+    ``count`` (an integer array; default: every row): only the batches holding the first ``count`` rows run (a loop
+    whose trip count is an argument: one compiled program for every count); the values and gradients of the rows
+    after those batches are 0. The search passes its chunks' real row counts, so the copies padding a chunk to its
     compiled shape cost nothing beyond their batch."""
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"rates.core.surrogate_values_and_grads: batch must be an integer >= 1, got {batch!r}.")
     stride = lmax // group.wq.shape[2]
 
     def err(x, s, g, dx, dp):
@@ -343,9 +346,8 @@ def surrogate_values_and_grads(
         return jnp.sqrt(jnp.max(_masked(sq, w), axis=(-2, -1)))
 
     args = (xs, rows, gidx, *offsets)
-    if count is None:
-        return jax.lax.map(lambda a: jax.value_and_grad(err)(*a), args, batch_size=batch)
     q = xs.shape[0]
+    count = q if count is None else count
     nb = -(-q // batch)
     blocks = jax.tree.map(
         lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], nb * batch - q, 0)]).reshape(nb, batch, *a.shape[1:]), args

@@ -567,8 +567,8 @@ def run_group(
             uni = float(res.value[si, p])
             x_w = res.argmax[si, p] if use_search else cand[ts_idx[si, p]]
             at = res.start[si, p] if use_search else ts_idx[si, p]
-            fam = LABELS[labels[at]]
-            origins[LABELS[origin[at]]] = origins.get(LABELS[origin[at]], 0) + 1
+            fam, began = LABELS[labels[at]], LABELS[origin[at]]
+            origins[began] = origins.get(began, 0) + 1
             source = ("pool" if res.pooled[si, p] else "search") if use_search else "test_set"
             source = PILOT if source == "test_set" and fam == PILOT else source
             dists = np.linalg.norm(x_w[:, None] - x_w[None], axis=-1)
