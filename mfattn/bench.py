@@ -109,6 +109,7 @@ __all__ = [
     "flops_grad_autodiff",
     "flops_train_step",
     "flops_limit",
+    "limit_ops",
     "measure",
     "compile_seconds",
     "matmul_rate",
@@ -684,7 +685,7 @@ def bench_compile_limit(ctx: _Ctx) -> dict:
     return {"rows": rows}
 
 
-def _limit_ops(spec, steps: int, fixed: bool = False):
+def limit_ops(spec, steps: int, fixed: bool = False):
     """The limit's operations of ``limit_kernels``, each ``fn(ens, x, w, y, p) -> arrays`` with ``ens`` leaves
     ``(K+1, M, d, k)``, ``x, y, p`` ``(B, N, d)``, ``w`` ``(B, N)``; the layer kernels use grid time 0 and
     sequence 0. ``fixed``: the solves in :class:`mfattn.limit.FixedSteps`'s loop, else Diffrax's
@@ -692,7 +693,7 @@ def _limit_ops(spec, steps: int, fixed: bool = False):
     import diffrax
     import optax
 
-    from . import limit
+    from . import folded, limit
     from .adjoint import adjoint_field, grad_map
     from .attention import velocity
 
@@ -728,6 +729,18 @@ def _limit_ops(spec, steps: int, fixed: bool = False):
 
         return jax.value_and_grad(disc)(x[0])
 
+    def surrogate_ascent(ens, x, w, y, p):
+        # The supremum search's own step (mfattn.rates): the same discrepancy on the cheap limit, explicit Euler on
+        # SURROGATE_LAYERS layers with the first SURROGATE_PARTICLES particles as heads, folded (mfattn.folded).
+        sur = folded.fold(limit.discretize(jax.tree.map(lambda a: a[:, :SURROGATE_PARTICLES], ens), SURROGATE_LAYERS))
+
+        def disc(x0):
+            traj = folded.forward(sur, x0, beta=BETA, weights=w[0], attention=spec)
+            ps = folded.adjoint(sur, traj, loss.lions(traj[-1], w[0], y[0]), beta=BETA, weights=w[0], attention=spec)
+            return jnp.sum((traj - p[0][None]) ** 2) + jnp.sum((ps - p[0][None]) ** 2)
+
+        return jax.value_and_grad(disc)(x[0])
+
     return {
         "velocity": lambda ens, x, w, y, p: velocity(
             layer(ens), x[0], x[0], w[0], beta=BETA, attention=spec, check=False
@@ -741,6 +754,7 @@ def _limit_ops(spec, steps: int, fixed: bool = False):
         "forward_backward": lambda ens, x, w, y, p: fb(ens, x, w, y),
         "train_step": train,
         "ascent_step": ascent,
+        "surrogate_ascent_step": surrogate_ascent,
     }
 
 
@@ -753,7 +767,18 @@ def _limit_op_flops(op, n, d, k, steps, particles, batch) -> int:
         "forward_backward": solve,
         "train_step": flops_limit(n, d, k, steps, particles, batch),
         "ascent_step": 3 * solve // batch,
+        "surrogate_ascent_step": 3
+        * SURROGATE_LAYERS
+        * min(SURROGATE_PARTICLES, particles)
+        * (head_flops(n, d, k, "fwd") + head_flops(n, d, k, "field")),
     }[op]
+
+
+LAYER_OPS = ("velocity", "adjoint_field", "grad_map")
+SOLVE_OPS = ("forward_backward", "train_step", "ascent_step")
+SURROGATE_PARTICLES = 128  # the cheap limit of the ascent row impl="surrogate": mfattn rates' search_particles
+SURROGATE_LAYERS = 32  # ... on the default run's largest depth
+ASCENT_ROUND_STEPS = 8  # the search's first round: 8 steps per path, then one exact solve of its end
 
 
 def bench_limit_kernels(ctx: _Ctx) -> dict:
@@ -766,15 +791,17 @@ def bench_limit_kernels(ctx: _Ctx) -> dict:
         x, y = _data(n, d, batch)
         p = _data(n, d, batch, seed=4)[0]
         args = (ens, x, _uniform_weights(n, batch), y, p)
-        ops = {impl: _limit_ops(Attention(heads=impl), steps) for impl in ("vmap", "lanes")}
-        ops["fixed"] = _limit_ops(Attention(), steps, fixed=True)
-        names = list(ops["lanes"]) if with_solves else ["velocity", "adjoint_field", "grad_map"]
+        ops = {impl: limit_ops(Attention(heads=impl), steps) for impl in ("vmap", "lanes")}
+        ops["fixed"] = limit_ops(Attention(), steps, fixed=True)
+        names = [o for o in ops["lanes"] if o != "surrogate_ascent_step"] if with_solves else list(LAYER_OPS)
         for op in names:
             pair = {}
-            solve = op in ("forward_backward", "train_step", "ascent_step")
-            for impl in ("vmap", "lanes", "fixed") if solve else ("vmap", "lanes"):  # the previous one first
-                flops = _limit_op_flops(op, n, d, k, steps, particles, batch)
-                r = ctx.measure(ops[impl][op], *args, flops=flops)
+            solve = op in SOLVE_OPS
+            impls = ("vmap", "lanes", "fixed") if solve else ("vmap", "lanes")  # the previous one first
+            for impl in impls + (("surrogate",) if op == "ascent_step" else ()):
+                fn_op = "surrogate_ascent_step" if impl == "surrogate" else op
+                flops = _limit_op_flops(fn_op, n, d, k, steps, particles, batch)
+                r = ctx.measure(ops["fixed" if impl == "surrogate" else impl][fn_op], *args, flops=flops)
                 row = {"case": f"limit_kernels {op}", "fn": f"{op[:9]}:{impl}", "impl": impl, "op": op}
                 row.update(
                     N=n,
@@ -971,16 +998,33 @@ def evaluate_targets(results: dict, sizes: Sizes, quick: bool) -> list[dict]:
     big = [
         r
         for r in _rows(results, "limit_kernels")
-        if (r["M"], r["N"], r["d"]) == (32768, 4, 2)
-        and r["impl"] == ("fixed" if r["op"] in ("forward_backward", "train_step", "ascent_step") else "lanes")
+        if (r["M"], r["N"], r["d"]) == (32768, 4, 2) and r["impl"] == ("fixed" if r["op"] in SOLVE_OPS else "lanes")
     ]
     for r in big:
         targets.append(_target(f"limit {r['op']} >= 10x vmap (M=32768 N=4 d=k=2)", r.get("ratio"), 10.0, "min"))
-        if r["op"] in ("velocity", "adjoint_field", "grad_map"):
+        if r["op"] in LAYER_OPS:
             frac = r.get("frac_matmul")
             targets.append(
                 _target(f"limit {r['op']} >= 5% of matmul rate", None if frac is None else 100 * frac, 5.0, "min")
             )
+    # The search's own ascent step (the cheap limit the issue allows, its maximisers re-evaluated exactly): the
+    # surrogate step plus one exact solve of its input amortised over the first round's ASCENT_ROUND_STEPS steps.
+    at = lambda op, impl: [  # noqa: E731
+        r for r in _rows(results, "limit_kernels", op=op, impl=impl) if (r["M"], r["N"], r["d"]) == (32768, 4, 2)
+    ]
+    sur, fb, vm = at("ascent_step", "surrogate"), at("forward_backward", "fixed"), at("ascent_step", "vmap")
+    if sur and fb and vm:
+        per = sur[0]["median_s"] + fb[0]["median_s"] / (fb[0]["B"] * ASCENT_ROUND_STEPS)
+        targets.append(
+            _target(
+                "limit ascent step, the search's (surrogate + exact re-evaluation) >= 10x vmap",
+                vm[0]["median_s"] / per,
+                10.0,
+                "min",
+                f"{1e3 * sur[0]['median_s']:.1f} ms + {1e3 * fb[0]['median_s'] / fb[0]['B']:.0f} ms / "
+                f"{ASCENT_ROUND_STEPS} against {1e3 * vm[0]['median_s']:.0f} ms",
+            )
+        )
     # rates
     rows = _rows(results, "rates", fn="rates")
     targets.append(

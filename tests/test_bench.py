@@ -4,6 +4,9 @@ import json
 import math
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from mfattn import bench
@@ -104,3 +107,33 @@ def test_only_and_cli_args(tmp_path):
     assert list(data["benchmarks"]) == ["matmul", "forward"]
     with pytest.raises(ValueError, match="unknown benchmark"):
         bench.run(["nope"], quick=True, out=None, verbose=False)
+
+
+def test_the_surrogate_ascent_row_is_the_cheap_limits_discrepancy_and_its_input_gradient(getkey, monkeypatch):
+    # float64: the benchmark's surrogate ascent step (folded heads) against the per-head model it folds (the value),
+    # and its input gradient against a central difference of itself, on non-uniform weights; the cheap limit takes
+    # the first SURROGATE_PARTICLES particles of each grid time.
+    from mfattn import adjoint, forward, limit
+    from mfattn.attention import Attention
+    from mfattn.losses import TokenRegression
+    from mfattn.params import Params
+
+    monkeypatch.setattr(bench, "SURROGATE_PARTICLES", 6)  # small sizes (the row's are 128 and 32): the same code
+    monkeypatch.setattr(bench, "SURROGATE_LAYERS", 3)
+    m, n, d, k = 10, 5, 3, 2
+    ens = Params(*(jnp.eye(d, k)[None, None] + 0.4 * jax.random.normal(getkey(), (3, m, d, k)) for _ in range(4)))
+    x, y, p = (jax.random.normal(getkey(), (1, n, d)) for _ in range(3))
+    w = jax.nn.softmax(jax.random.normal(getkey(), (1, n)))
+    step = jax.jit(bench.limit_ops(Attention(), 2)["surrogate_ascent_step"])
+    value, grad = step(ens, x, w, y, p)
+    sur = limit.discretize(jax.tree.map(lambda a: a[:, :6], ens), 3)
+    loss = TokenRegression()
+    traj = forward(sur, x[0], beta=bench.BETA, weights=w[0])
+    ps = adjoint(sur, traj, loss.lions(traj[-1], w[0], y[0]), beta=bench.BETA, weights=w[0])
+    want = jnp.sum((traj - p[0][None]) ** 2) + jnp.sum((ps - p[0][None]) ** 2)
+    assert value.dtype == jnp.float64 and float(want) > 1.0
+    np.testing.assert_allclose(value, want, rtol=1e-12)
+    v, h = jax.random.normal(getkey(), (1, n, d)), 1e-6
+    slope = (step(ens, x + h * v, w, y, p)[0] - step(ens, x - h * v, w, y, p)[0]) / (2 * h)
+    np.testing.assert_allclose(jnp.sum(grad * v[0]), slope, rtol=1e-6)
+    assert abs(float(slope)) > 1e-2  # a gradient that is there

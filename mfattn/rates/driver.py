@@ -35,7 +35,7 @@ from ..params import init_params
 from ..tasks import TargetMeasure, TeacherStudent
 from . import core
 from .config import RatesConfig
-from .search import point_gain, point_layout, sup_search
+from .search import pad_rows, point_gain, point_layout, sup_search
 
 __all__ = [
     "Group",
@@ -209,19 +209,13 @@ def base_candidates(cfg: RatesConfig) -> int:
     return cfg.test_inputs + len(FAMILIES) * cfg.candidates
 
 
-def _pad(a: np.ndarray, size: int) -> np.ndarray:
-    """``a`` with its last entry repeated up to ``size`` entries: every call of a chunked program has one shape."""
-    n = a.shape[0]
-    return np.concatenate([a, np.repeat(a[-1:], size - n, 0)]) if n < size else a
-
-
 def _evaluate(problem, reps, discrete, xs, w, lmax, *, chunk: int, progress) -> tuple:
     """:func:`core.evaluate_and_paths` in chunks of ``chunk`` inputs (one compiled shape; progress after each)."""
     parts, paths = [], []
     for lo in range(0, xs.shape[0], chunk):
         part = xs[lo : lo + chunk]
         n = part.shape[0]
-        e, z = core.evaluate_and_paths(problem, reps, discrete, jnp.asarray(_pad(part, chunk)), w, lmax)
+        e, z = core.evaluate_and_paths(problem, reps, discrete, jnp.asarray(pad_rows(part, chunk)), w, lmax)
         parts.append(jax.tree.map(lambda a: np.asarray(a)[..., :n], e))  # noqa: B023
         paths.append(jax.tree.map(lambda a: np.asarray(a)[:n], z))  # noqa: B023
         if progress is not None:
@@ -236,7 +230,7 @@ def _replica_paths(problem, reps, xs, w, lmax, *, chunk: int, progress):
     xr, pr = [], []
     for lo in range(0, xs.shape[0], chunk):
         n = min(chunk, xs.shape[0] - lo)
-        a, b = core.limit_replica_paths(problem, reps, jnp.asarray(_pad(xs[lo : lo + n], chunk)), w, lmax)
+        a, b = core.limit_replica_paths(problem, reps, jnp.asarray(pad_rows(xs[lo : lo + n], chunk)), w, lmax)
         xr.append(np.asarray(a)[:n])
         pr.append(np.asarray(b)[:n])
         if progress is not None:
@@ -254,7 +248,7 @@ def _rows_at(problem, discrete, euler, seed_idx, point_idx, xs, w, xr, pr, lmax,
         for lo in range(0, mine.shape[0], chunk):
             sel = mine[lo : lo + chunk]
             args = (xs[sel], seed_idx[sel], p_g[point_idx[sel]], xr[sel], pr[sel])
-            x, s, g, a, b = (jnp.asarray(_pad(v, chunk)) for v in args)
+            x, s, g, a, b = (jnp.asarray(pad_rows(v, chunk)) for v in args)
             e = core.rows_from_paths(problem, params, euler[j], x, w, s, g, a, b, lmax)
             for o, v in zip(out, e):
                 o[sel] = np.asarray(v)[: sel.shape[0]]
@@ -395,7 +389,7 @@ def prepare(cfg: RatesConfig, group: Group, seeds: list[int], pool=None) -> Prep
     if pool is not None:
         batch = task.sample(jax.random.fold_in(_key(cfg, "data", n, d), 0), cfg.batch_size)
         w = jnp.full((n,), 1.0 / n, _dtype(cfg))
-        xs = jnp.asarray(_pad(cand[:EVAL_CHUNK], EVAL_CHUNK))  # as _evaluate pads
+        xs = jnp.asarray(pad_rows(cand[:EVAL_CHUNK], EVAL_CHUNK))  # as _evaluate pads
         hyper = _hyper(cfg, group)
         ahead["train"] = pool.submit(
             _timed, lambda: core.train_step.lower(problem, lim, st, opt, batch, hyper).compile()

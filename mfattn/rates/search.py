@@ -36,7 +36,7 @@ import numpy as np
 from ..metrics import projected_ascent
 from .core import RowErrors, surrogate_paths, surrogate_values_and_grads
 
-__all__ = ["SearchResult", "sup_search", "point_layout", "point_gain"]
+__all__ = ["SearchResult", "sup_search", "point_layout", "point_gain", "pad_rows"]
 
 
 class SearchResult(NamedTuple):
@@ -77,7 +77,8 @@ def point_gain(value, gain) -> np.ndarray:
     return np.asarray(np.sqrt(np.mean(value**2, axis=0) / np.mean(before**2, axis=0)) - 1.0)
 
 
-def _pad(a: np.ndarray, size: int) -> np.ndarray:
+def pad_rows(a: np.ndarray, size: int) -> np.ndarray:
+    """``a`` with its last entry repeated up to ``size`` entries: every call of a chunked program has one shape."""
     n = a.shape[0]
     return np.concatenate([a, np.repeat(a[-1:], size - n, 0)]) if n < size else a
 
@@ -138,7 +139,7 @@ def sup_search(
     sx, sp = [], []
     for lo in range(0, num_cand, chunk):
         n = min(chunk, num_cand - lo)
-        a, b = surrogate_paths(problem, sur, jnp.asarray(_pad(cand[lo : lo + n], chunk)), w)
+        a, b = surrogate_paths(problem, sur, jnp.asarray(pad_rows(cand[lo : lo + n], chunk)), w)
         sx.append(np.asarray(a)[:n])
         sp.append(np.asarray(b)[:n])
     sx, sp = np.concatenate(sx), np.concatenate(sp)
@@ -173,7 +174,7 @@ def sup_search(
                 sel = mine[lo : lo + chunk]
                 n = sel.shape[0]
                 s_, g_, c_ = (
-                    jnp.asarray(_pad(a, chunk)) for a in (rows_of[seed_f[sel]], p_g[point_f[sel]], start_f[sel])
+                    jnp.asarray(pad_rows(a, chunk)) for a in (rows_of[seed_f[sel]], p_g[point_f[sel]], start_f[sel])
                 )
                 offs = (jnp.asarray(off_x)[c_], jnp.asarray(off_p)[c_])
                 real = jnp.asarray(n)  # the chunk's real paths: the padding copies after their batch are not run
