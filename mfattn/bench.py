@@ -26,8 +26,12 @@ Benchmarks (``--only`` takes these names; the matmul reference always runs):
   pick them: at ``N = 16`` the table shows why it does not); ``impl="vmap"``:
   ``Attention(heads="vmap")``, the vmapped per-head kernels, unchanged, which were every layer's kernels before;
   both solve in Diffrax's loop (``ConstantStepSize``). ``impl="fixed"`` (the solves only): ``heads="auto"`` in the
-  fixed-step loop of :class:`mfattn.limit.FixedSteps` (what ``mfattn rates`` runs). ``ratio`` = vmap time / the
-  row's time;
+  fixed-step loop of :class:`mfattn.limit.FixedSteps` (what ``mfattn rates`` runs). ``impl="surrogate"`` (the
+  ascent step only): the step the supremum search of ``mfattn rates`` takes instead, the same discrepancy and its
+  input gradient on the cheap limit (explicit Euler on ``SURROGATE_LAYERS`` layers with the first
+  ``SURROGATE_PARTICLES`` particles as heads, folded by :mod:`mfattn.folded`), whose maximisers the search
+  re-evaluates against the full limit (its target counts one exact solve per ``ASCENT_ROUND_STEPS`` steps).
+  ``ratio`` = vmap time / the row's time;
 * ``rates``: the default ``mfattn rates`` end to end into a temporary folder (only with ``--rates``; with
   ``--quick`` the quick configuration).
 

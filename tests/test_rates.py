@@ -70,6 +70,9 @@ def test_shipped_study_configuration_is_valid():
     cfg = load_config(os.path.join(root, "rates.toml"))
     assert cfg.seeds >= 32 and cfg.steps >= 40 and cfg.control_particles >= 2**17
     assert max(cfg.control_depths) >= 64 and max(L * H for L in cfg.control_depths for H in cfg.control_heads) >= 4096
+    for name in ("sweeps.toml", "sweeps_h16.toml"):  # the N and d sweeps' studies: N in {4, 16, 64}, bootstrap seeds
+        sw = load_config(os.path.join(root, name))
+        assert {4, 16, 64} <= set(sw.tokens_sweep) and len(sw.dims_sweep) >= 3 and sw.seeds >= 16
 
 
 # ------------------------------------------------------------------------------------------------ statistics
