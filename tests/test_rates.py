@@ -200,6 +200,10 @@ def test_sweep_slopes_recover_a_planted_slope_and_leave_out_flagged_values():
     b = stats.sweep_slopes(vals, E, [0.1, 0.1, 0.1], 0.3)
     assert abs(b["slope"] - 0.25) < 0.03 and b["slope_ci"][0] < 0.25 < b["slope_ci"][1] and not b["left_out"]
     assert "bootstrap" in b["method"]
+    # each value's rms over seeds with its interval (the plots' error bars): around the estimate, about the
+    # spread's 2 x 1.96 x 0.05 / sqrt(16) ~ 5% of it wide
+    for e, (lo, hi) in zip(b["rms_err"], b["rms_err_ci"], strict=True):
+        assert lo < e < hi and 0.02 < (hi - lo) / e < 0.1
     E_bad = E.copy()
     E_bad[2] *= 5  # a value whose error is mostly the limit's own Monte-Carlo error
     b = stats.sweep_slopes(vals, E_bad, [0.1, 0.1, 0.9], 0.3)
@@ -506,6 +510,12 @@ def test_report_rebuilds_the_summary_from_the_files(rates_quick_run):
     assert math.isfinite(again["training"]["depth_spread"])
     origins = again["sup_search"]["worst_origin_counts"]  # every row counted once, by a family (never "pilot")
     assert sum(origins.values()) == again["sup_search"]["rows"] and set(origins) <= set(driver.FAMILIES)
+    # what only the run knew (versions, device, wall time, the fits' time) is kept from the summary it wrote
+    with open(os.path.join(out, "summary.json")) as f:
+        written = json.load(f)
+    for key in rates.RUN_RECORD:
+        assert written[key] == json.loads(json.dumps(summary[key])), key
+    assert written["timings_s"]["fits"] == summary["timings_s"]["fits"]
 
 
 def test_compiling_ahead_changes_no_number_and_compiles_each_program_once(tmp_path):

@@ -40,6 +40,7 @@ __all__ = [
     "print_config",
     "run",
     "report",
+    "RUN_RECORD",
     "check_folder",
     "summarize",
     "work_units",
@@ -203,6 +204,10 @@ def run(
     return summary
 
 
+#: Keys of ``summary.json`` that record the run itself rather than its rows (:func:`report` keeps them).
+RUN_RECORD = ("versions", "device", "elapsed_s_this_invocation", "messages")
+
+
 def report(out_dir: str) -> dict:
     """The summary, table and plots of an existing run folder, recomputed from its files (no numerics)."""
     with open(os.path.join(out_dir, "config.json")) as f:
@@ -217,7 +222,18 @@ def report(out_dir: str) -> dict:
     diagnostics = json.load(open(diag_path)) if os.path.exists(diag_path) else {}
     summary = summarize(cfg, rows, diagnostics)
     summary["timings_s"] = {k: v.get("timings_s", {}) for k, v in diagnostics.items()}
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    # What only the run itself knew (its versions, device, wall time, the fits' time, its messages) is kept from
+    # the summary it wrote, where there is one.
+    path = os.path.join(out_dir, "summary.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        for key in RUN_RECORD:
+            if key in old:
+                summary[key] = old[key]
+        if "fits" in old.get("timings_s", {}):
+            summary["timings_s"]["fits"] = old["timings_s"]["fits"]
+    with open(path, "w") as f:
         json.dump(_jsonable(summary), f, indent=2)
     from . import plots
 

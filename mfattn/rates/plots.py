@@ -178,6 +178,12 @@ def plot_all(cfg, rows: dict, summary: dict, out_dir: str) -> list[str]:
             if b.get("rms_err"):
                 slope = f"slope {b['slope']:.2f}" if "slope" in b else "no slope"
                 (line,) = ax.plot(b["values"], b["rms_err"], "o-", ms=3, label=f"{key}: {slope}")
+                ci = b.get("rms_err_ci")
+                if ci and all(c[0] is not None for c in ci):  # each value's interval over seeds
+                    lo = [max(0.0, e - c[0]) for e, c in zip(b["rms_err"], ci)]
+                    hi = [max(0.0, c[1] - e) for e, c in zip(b["rms_err"], ci)]
+                    ax.errorbar(b["values"], b["rms_err"], yerr=[lo, hi], fmt="none", color=line.get_color(),
+                                capsize=2, lw=0.8)  # fmt: skip
                 out = [i for i, v in enumerate(b["values"]) if any(lo["value"] == v for lo in b["left_out"])]
                 if out:  # Monte-Carlo flagged or saturated: left out of the slope
                     lab = None if marked else "x: left out (MC-flagged or saturated)"

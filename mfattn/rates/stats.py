@@ -404,7 +404,8 @@ def theorem_ratio(points, E) -> dict:
 def sweep_slopes(
     values: list, E: np.ndarray, mc_ratio_per_value=None, mc_ratio: float = math.inf, radius: float = math.inf
 ) -> dict:
-    """The slope of ``log err`` (the rms over seeds) in ``log values`` (N or d) with its interval; ``E``: ``(V, S)``.
+    """The slope of ``log err`` (the rms over seeds) in ``log values`` (N or d) with its interval, and each value's
+    rms with its interval (``rms_err_ci``, by :func:`interval_method`); ``E``: ``(V, S)``.
     Left out (listed in ``left_out`` with the reason), as in the (L, H) fits: values whose Monte-Carlo ratio
     (``mc_ratio_per_value``, ``(V,)``: the limit's own error over the point's) exceeds ``mc_ratio``, and saturated
     values (rms error ``>= radius``)."""
@@ -425,6 +426,9 @@ def sweep_slopes(
         "mc_ratio": [float(r) for r in ratios],
         "left_out": left_out,
     }
+    if E.size and np.all(np.isfinite(E)):  # each value's rms over seeds with its interval (the plots' error bars)
+        ci = _interval(lambda X: {str(i): float(x) for i, x in enumerate(rms(X))}, E)
+        base["rms_err_ci"] = [ci[str(i)] for i in range(len(values))]
     used = [v for v, k in zip(values, keep) if k]
     E_used = E[keep]
     if len(used) < 2 or not np.all(np.isfinite(E_used)):
