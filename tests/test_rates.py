@@ -503,7 +503,7 @@ def test_a_changed_statistical_setting_is_refused_and_more_seeds_extend(rates_qu
     assert seen == [[cfg.control_seeds, cfg.control_seeds + 1]]  # only the control's new seeds
 
 
-def test_report_rebuilds_the_summary_from_the_files(rates_quick_run):
+def test_report_rebuilds_the_summary_from_the_files(rates_quick_run, tmp_path):
     cfg, out, summary = rates_quick_run
     again = rates.report(out)
     assert again["fits"]["uniform"].get("alpha") == summary["fits"]["uniform"].get("alpha")
@@ -516,6 +516,16 @@ def test_report_rebuilds_the_summary_from_the_files(rates_quick_run):
     for key in rates.RUN_RECORD:
         assert written[key] == json.loads(json.dumps(summary[key])), key
     assert written["timings_s"]["fits"] == summary["timings_s"]["fits"]
+    # an unreadable summary (a run cut while writing it) is rebuilt, without the record
+    cut = str(tmp_path / "cut")
+    shutil.copytree(out, cut)
+    with open(os.path.join(cut, "summary.json"), "w") as f:
+        f.write('{"versions": {')
+    rates.report(cut)
+    with open(os.path.join(cut, "summary.json")) as f:
+        rebuilt = json.load(f)
+    assert "versions" not in rebuilt
+    assert rebuilt["fits"]["uniform"].get("alpha") == summary["fits"]["uniform"].get("alpha")
 
 
 def test_compiling_ahead_changes_no_number_and_compiles_each_program_once(tmp_path):

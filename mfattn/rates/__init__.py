@@ -225,9 +225,12 @@ def report(out_dir: str) -> dict:
     # What only the run itself knew (its versions, device, wall time, the fits' time, its messages) is kept from
     # the summary it wrote, where there is one.
     path = os.path.join(out_dir, "summary.json")
-    if os.path.exists(path):
+    try:
         with open(path) as f:
             old = json.load(f)
+    except (OSError, ValueError):  # none, or unreadable (a run cut while writing it): rebuilt without the record
+        old = None
+    if isinstance(old, dict):
         for key in RUN_RECORD:
             if key in old:
                 summary[key] = old[key]
