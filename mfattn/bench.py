@@ -700,6 +700,7 @@ def limit_ops(spec, steps: int, fixed: bool = False):
     from . import folded, limit
     from .adjoint import adjoint_field, grad_map
     from .attention import velocity
+    from .rates.core import surrogate
 
     loss = _loss()
     if fixed:
@@ -736,7 +737,9 @@ def limit_ops(spec, steps: int, fixed: bool = False):
     def surrogate_ascent(ens, x, w, y, p):
         # The supremum search's own step (mfattn.rates): the same discrepancy on the cheap limit, explicit Euler on
         # SURROGATE_LAYERS layers with the first SURROGATE_PARTICLES particles as heads, folded (mfattn.folded).
-        sur = folded.fold(limit.discretize(jax.tree.map(lambda a: a[:, :SURROGATE_PARTICLES], ens), SURROGATE_LAYERS))
+        reps = jax.tree.map(lambda a: a[None], ens)  # one replica: rates.core.surrogate's layout
+        grid = limit.uniform_grid(ens.wq.shape[0], ens.wq.dtype)
+        sur = folded.fold(surrogate(reps, SURROGATE_PARTICLES, SURROGATE_LAYERS, grid))
 
         def disc(x0):
             traj = folded.forward(sur, x0, beta=BETA, weights=w[0], attention=spec)
